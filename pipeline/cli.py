@@ -1,4 +1,7 @@
-"""The ``vitpipe`` command. Each subcommand parses its arguments and calls one function of the package."""
+"""The ``vitpipe`` command. Each subcommand parses its arguments and calls one function of the package.
+
+Heavy imports (torch, ray, mlflow) happen inside the handlers, so ``vitpipe --help`` stays fast.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +9,21 @@ import argparse
 import sys
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vitpipe", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    # --- shards: the data plane -------------------------------------------------------------
+def _add_shards_commands(sub: argparse._SubParsersAction) -> None:
+    """`vitpipe shards build|verify|inspect`: the data plane (pipeline.data)."""
     shards = sub.add_parser("shards", help="build, verify and inspect WebDataset shards")
-    shards_sub = shards.add_subparsers(dest="shards_command", required=True, metavar="ACTION")
-    del shards_sub  # filled in by the data plane
+    shards.add_subparsers(dest="shards_command", required=True, metavar="ACTION")
 
+
+def _add_train_command(sub: argparse._SubParsersAction) -> None:
+    """`vitpipe train`: distributed training on Ray Train (pipeline.train)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitpipe", description="Train efficient vision transformers on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_shards_commands(sub)
+    _add_train_command(sub)
     return parser
 
 
