@@ -11,7 +11,16 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+
+def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# torch registers a formula for the CUDA attention kernels but not for the CPU one that
+# F.scaled_dot_product_attention dispatches to here, which would silently drop q·kᵀ and P·v.
+_CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flop}
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
@@ -33,7 +42,7 @@ def count_macs(
     """
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     fn = forward if forward is not None else model
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=_CPU_SDPA) as counter:
         fn(*args)
     return counter.get_total_flops() // 2
 
@@ -41,6 +50,6 @@ def count_macs(
 def macs_by_module(model: nn.Module, inputs: torch.Tensor | tuple) -> dict[str, int]:
     """MACs per module (torch's hierarchical breakdown, top-level modules and the total)."""
     args = inputs if isinstance(inputs, tuple) else (inputs,)
-    with torch.no_grad(), FlopCounterMode(display=False, depth=2) as counter:
+    with torch.no_grad(), FlopCounterMode(display=False, depth=2, custom_mapping=_CPU_SDPA) as counter:
         model(*args)
     return {name: sum(ops.values()) // 2 for name, ops in counter.get_flop_counts().items()}
