@@ -19,11 +19,21 @@ def _add_train_command(sub: argparse._SubParsersAction) -> None:
     """`vitpipe train`: distributed training on Ray Train (pipeline.train)."""
 
 
+def _add_tune_commands(sub: argparse._SubParsersAction) -> None:
+    """`vitpipe tune`, `vitpipe registry`, `vitpipe evaluate`: search and the model registry."""
+
+
+def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
+    """`vitpipe cluster`: checks on cluster.yaml before any node is paid for."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitpipe", description="Train efficient vision transformers on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_shards_commands(sub)
     _add_train_command(sub)
+    _add_tune_commands(sub)
+    _add_cluster_commands(sub)
     return parser
 
 
