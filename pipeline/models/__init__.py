@@ -1,1 +1,2 @@
 """Model families. Importing this package registers every model with timm's registry."""
+from . import castling_vit, vit  # noqa: F401  (plain ViT and Castling-ViT families)

@@ -1,0 +1,342 @@
+"""Castling-ViT's linear-angular attention (arXiv 2211.10526), in both attention contracts.
+
+Per head, with ``q̂ = q/||q||`` and ``k̂ = k/||k||`` over the head's channels::
+
+    Y = 0.5 v + (1/pi) q̂ (k̂ᵀ v)          right to left: k̂ᵀ v is d x d, so the cost is linear in n
+    Y = Y + Sparse v                     training form only, Sparse = P ⊙ 1[P > eps], P = softmax(q kᵀ/sqrt(d))
+    Y = Y / ||Y||
+    Y = Y + DWConv(v)                    depthwise, one kernel per head (as the official release)
+    out = concat_heads(Y) W_proj + b
+
+The masked softmax branch approximates the higher-order terms of the angular kernel while training; a
+regulariser (``mask_regularization``) drives its mask empty, and ``switch_to_inference`` then removes
+it: no softmax is left and the cost per token no longer depends on n. The switch changes no parameter,
+so a state dict loads into either form.
+
+``CastlingAttention`` follows the global contract (plain ViT), ``WindowCastlingAttention`` the window
+contract (hierarchical backbone); both are described in ``pipeline.models.layers``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from timm.layers import to_2tuple
+from torch import Tensor, nn
+
+from .window_msa import check_heads, check_windows
+
+__all__ = [
+    "CastlingAttention",
+    "WindowCastlingAttention",
+    "switch_to_inference",
+    "castling_modules",
+    "mask_regularization",
+    "mask_densities",
+    "mask_reg_weight",
+]
+
+DWCONV_MODES = ("tokens", "grid")
+
+
+class _LinearAngularAttention(nn.Module):
+    """Projections, the attention core and the depthwise convolution shared by both contracts.
+
+    ``dwconv="tokens"`` convolves each head's ``v`` along the token sequence (kernel ``(k, 1)``, the
+    release); ``"grid"`` convolves it on the 2-D token grid (kernel ``k x k``) [ours]. Either way a head
+    has one kernel, shared by its ``d`` channels, so the conv has ``heads * k`` (or ``heads * k * k``)
+    weights.
+    """
+
+    has_logits = False  # the softmax branch is auxiliary and vanishes, so no logits are part of the interface
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        grid_size: tuple[int, int],
+        qkv_bias: bool,
+        attn_drop: float,
+        proj_drop: float,
+        mask_eps: float,
+        sparse_branch: bool,
+        dwconv: str,
+        dwconv_kernel: int,
+    ) -> None:
+        super().__init__()
+        self.dim, self.num_heads = dim, num_heads
+        self.head_dim = check_heads(dim, num_heads)
+        self.scale = self.head_dim**-0.5
+        self.grid_size = to_2tuple(grid_size)
+        if dwconv not in DWCONV_MODES:
+            raise ValueError(f"dwconv must be one of {DWCONV_MODES}, got {dwconv!r}")
+        if dwconv_kernel < 1 or dwconv_kernel % 2 == 0:
+            raise ValueError(f"dwconv_kernel must be a positive odd number (centred kernel), got {dwconv_kernel}")
+        if mask_eps < 0:
+            raise ValueError(f"mask_eps must be >= 0, got {mask_eps}")
+        self.mask_eps = mask_eps
+        self.sparse_branch = sparse_branch  # True: training form; switch_to_inference sets False
+        self.dwconv_mode = dwconv
+
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        kernel = (dwconv_kernel, 1) if dwconv == "tokens" else (dwconv_kernel, dwconv_kernel)
+        # Channels are heads: a (B, heads, N, d) tensor convolved with a (k, 1) kernel slides along N only.
+        self.dwconv = nn.Conv2d(
+            num_heads, num_heads, kernel, padding=(kernel[0] // 2, kernel[1] // 2), groups=num_heads, bias=False
+        )
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+        # Statistics of the last training forward with the branch (read by mask_regularization / mask_densities).
+        self.last_mask_mean: Tensor | None = None  # mean(Sparse), differentiable
+        self.last_mask_density: Tensor | None = None  # share of P > eps, detached
+
+    def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        B, N, _ = x.shape
+        return self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def merge_heads(self, y: Tensor) -> Tensor:
+        B, _, N, _ = y.shape
+        return self.proj_drop(self.proj(y.transpose(1, 2).reshape(B, N, self.dim)))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, regions: Tensor | None = None) -> Tensor:
+        """Normalised linear-angular attention (plus the masked softmax branch in training form).
+
+        q, k, v: (..., h, n, d). ``regions``: None, or a (..., 1, n, R) one-hot of each token's region; a
+        token then attends only to its region's tokens: ``Y_i = q̂_i S_r(i)`` with per-region sums
+        ``S_r = Σ_{j in r} k̂_jᵀ v_j``, gathered back through the one-hot (still linear in n).
+        """
+        qn = F.normalize(q, dim=-1)
+        kn = F.normalize(k, dim=-1)
+        if regions is None:
+            kv = (kn.transpose(-2, -1) @ v) * (1 / math.pi)  # (..., d, d): scale the small matrix, not Y
+            y = (qn @ kv).add_(v, alpha=0.5)
+        else:
+            *lead, n, d = qn.shape
+            R = regions.shape[-1]
+            kr = (kn.unsqueeze(-2) * regions.unsqueeze(-1)).reshape(*lead, n, R * d)  # k̂ placed in its region's slot
+            qr = (qn.unsqueeze(-2) * regions.unsqueeze(-1)).reshape(*lead, n, R * d)
+            kv = (kr.transpose(-2, -1) @ v) * (1 / math.pi)  # (..., R*d, d): the R stacked sums S_r
+            y = (qr @ kv).add_(v, alpha=0.5)
+        if self.sparse_branch:
+            y = y + self.sparse_attention(q, k, v, regions)
+        return F.normalize(y, dim=-1)
+
+    def sparse_attention(self, q: Tensor, k: Tensor, v: Tensor, regions: Tensor | None) -> Tensor:
+        """``Sparse · v`` with ``Sparse = P ⊙ 1[P > eps]``; records the mask statistics while training."""
+        logits = (q * self.scale) @ k.transpose(-2, -1)
+        if regions is not None:
+            same = (regions @ regions.transpose(-2, -1)) > 0  # (..., 1, n, n), every token meets itself
+            logits = logits.masked_fill(~same, float("-inf"))
+        probs = logits.softmax(dim=-1)
+        mask = probs > self.mask_eps
+        sparse = probs * mask
+        if self.training:
+            self.last_mask_mean = sparse.mean()
+            self.last_mask_density = mask.float().mean().detach()
+        return self.attn_drop(sparse) @ v
+
+    def conv_grid(self, v: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Depthwise conv of ``v`` (b, h, H*W, d) on its token grid or along its token sequence."""
+        if self.dwconv_mode == "tokens":
+            return self.dwconv(v)
+        b, h, n, d = v.shape
+        planes = v.transpose(-2, -1).reshape(b, h * d, *grid)  # every channel a plane, grouped by head
+        weight = self.dwconv.weight.repeat_interleave(d, dim=0)  # the head's kernel for each of its channels
+        out = F.conv2d(planes, weight, padding=self.dwconv.padding, groups=h * d)
+        return out.reshape(b, h, d, n).transpose(-2, -1)
+
+    def switch_to_inference(self) -> None:
+        self.sparse_branch = False
+        self.last_mask_mean = self.last_mask_density = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, grid_size={self.grid_size}, dwconv={self.dwconv_mode}, "
+            f"mask_eps={self.mask_eps}, sparse_branch={self.sparse_branch}"
+        )
+
+
+class CastlingAttention(_LinearAngularAttention):
+    """Linear-angular attention over a whole token sequence (global contract).
+
+    Knobs: ``mask_eps`` (0.02, the release), ``sparse_branch`` (False builds the inference form directly),
+    ``dwconv`` (``"tokens"``, the release, or ``"grid"`` [ours]), ``dwconv_kernel`` (9, the release).
+    Prefix tokens (class token): in ``"tokens"`` mode they are part of the sequence the conv slides over,
+    as in the release; in ``"grid"`` mode they have no place on the grid, so their conv is the kernel's
+    centre tap alone (a token that is its own only neighbour) [ours].
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        grid_size: tuple[int, int],
+        num_prefix_tokens: int = 1,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        mask_eps: float = 0.02,
+        sparse_branch: bool = True,
+        dwconv: str = "tokens",
+        dwconv_kernel: int = 9,
+    ) -> None:
+        super().__init__(
+            dim, num_heads, grid_size, qkv_bias, attn_drop, proj_drop, mask_eps, sparse_branch, dwconv, dwconv_kernel
+        )
+        self.num_prefix_tokens = num_prefix_tokens
+        self.num_tokens = num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
+
+    def forward(
+        self, x: Tensor, attn_bias: Tensor | None = None, return_logits: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        if attn_bias is not None or return_logits:
+            raise ValueError("castling attention has no softmax logits: it takes no attn_bias and returns no logits")
+        if x.ndim != 3 or x.shape[1] != self.num_tokens:
+            raise ValueError(
+                f"expected x of shape (B, {self.num_tokens}, {self.dim}) "
+                f"({self.num_prefix_tokens} prefix + {self.grid_size} grid), got {tuple(x.shape)}"
+            )
+        q, k, v = self.qkv_heads(x)
+        y = self.attend(q, k, v)
+        if self.dwconv_mode == "tokens":
+            y = y + self.dwconv(v)
+        else:
+            p = self.num_prefix_tokens
+            centre = self.dwconv.weight[:, 0, self.dwconv.padding[0], self.dwconv.padding[1]].view(-1, 1, 1)
+            y = y + torch.cat([v[:, :, :p] * centre, self.conv_grid(v[:, :, p:], self.grid_size)], dim=2)
+        return self.merge_heads(y), None
+
+
+class WindowCastlingAttention(_LinearAngularAttention):
+    """Linear-angular attention within windows (window contract, hierarchical backbone).
+
+    Under shifted windows (``region_ids`` given) a token meets only the tokens of its region, in the
+    linear attention (per-region ``k̂ᵀ v`` sums), in the softmax branch (the matching mask) and in the
+    depthwise conv (the conv of each region's tokens alone, so nothing leaks across the cyclic shift's
+    seams). The cost of that restriction is ``R`` times the unrestricted linear part, ``R`` the largest
+    number of regions in one window (4 for Swin's shift). Default conv: ``"grid"``, 3 x 3 [ours], 9 taps
+    like the release's kernel but along both axes of the window.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        window_size: tuple[int, int] | int,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        mask_eps: float = 0.02,
+        sparse_branch: bool = True,
+        dwconv: str = "grid",
+        dwconv_kernel: int = 3,
+    ) -> None:
+        super().__init__(
+            dim, num_heads, window_size, qkv_bias, attn_drop, proj_drop, mask_eps, sparse_branch, dwconv, dwconv_kernel
+        )
+        self.window_size = self.grid_size
+        self.window_area = self.grid_size[0] * self.grid_size[1]
+        self._regions_cache: tuple[Tensor, int, Tensor] | None = None
+
+    def region_onehot(self, region_ids: Tensor) -> Tensor:
+        """(num_windows, N) region ids -> (num_windows, N, R) bool one-hot of window-local region indices.
+
+        Region ids are renumbered within each window (0, 1, ...), so ``R`` is the most regions any one
+        window has, not the number of ids in the map. Cached per ``region_ids`` tensor (backbones pass
+        the same buffer every step).
+        """
+        cache = self._regions_cache
+        if cache is not None and cache[0] is region_ids and cache[1] == region_ids._version:
+            return cache[2]
+        ids = region_ids - region_ids.min()
+        present = F.one_hot(ids, int(ids.max()) + 1).amax(dim=1)  # (nW, G): which ids each window holds
+        local = (present.cumsum(dim=-1) - 1).gather(1, ids)  # rank of the token's id among its window's ids
+        onehot = F.one_hot(local, int(present.sum(dim=-1).max())).bool()
+        self._regions_cache = (region_ids, region_ids._version, onehot)
+        return onehot
+
+    def forward(self, x: Tensor, region_ids: Tensor | None = None) -> Tensor:
+        num_windows = check_windows(x, self.window_area, region_ids)
+        q, k, v = self.qkv_heads(x)  # (B*nW, h, N, d)
+        regions = None if region_ids is None else self.region_onehot(region_ids)
+        if regions is None or regions.shape[-1] == 1:  # unshifted, or no window spans a seam
+            y = self.attend(q, k, v) + self.conv_grid(v, self.window_size)
+            return self.merge_heads(y)
+
+        BW, h, N, d = q.shape
+        q, k, v = (t.reshape(-1, num_windows, h, N, d) for t in (q, k, v))
+        regions = regions.to(q.dtype).unsqueeze(1)  # (nW, 1, N, R)
+        y = self.attend(q, k, v, regions)  # the one-hot also masks the softmax branch
+        # Conv of each region alone: zero the other regions' tokens, convolve, keep the region's outputs.
+        R = regions.shape[-1]
+        masks = regions.permute(3, 0, 1, 2)[:, None, ..., None]  # (R, 1, nW, 1, N, 1)
+        v_by_region = (v.unsqueeze(0) * masks).reshape(R * BW, h, N, d)
+        conv = self.conv_grid(v_by_region, self.window_size).reshape(R, -1, num_windows, h, N, d)
+        y = y + (conv * masks).sum(dim=0)
+        return self.merge_heads(y.reshape(BW, h, N, d))
+
+
+def castling_modules(model: nn.Module) -> list[tuple[str, _LinearAngularAttention]]:
+    """Every Castling attention of ``model`` (any backbone, DVT cascades included), with its name."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, _LinearAngularAttention)]
+
+
+def switch_to_inference(model: nn.Module) -> nn.Module:
+    """Turn every Castling attention of ``model`` into its inference form; returns ``model``.
+
+    The masked softmax branch is removed (no softmax runs, cost per token constant in n); parameters
+    and buffers are untouched, so the state dict is the same before and after. Train/eval mode is left
+    as it is.
+    """
+    for _, module in castling_modules(model):
+        module.switch_to_inference()
+    return model
+
+
+def mask_regularization(model: nn.Module) -> Tensor:
+    """Sum over Castling layers of ``mean(Sparse)`` from the last training forward (differentiable).
+
+    The training loop adds ``mask_reg_weight(...) * mask_regularization(model)`` to its loss; pushing
+    the large attention weights under ``eps`` empties the masks [ours: METHODS.md section 3]. Zero (a
+    tensor) when no layer recorded a term, e.g. after the switch.
+    """
+    terms = [m.last_mask_mean for _, m in castling_modules(model) if m.last_mask_mean is not None]
+    if not terms:
+        p = next(model.parameters(), None)
+        return torch.zeros((), device=None if p is None else p.device)
+    return torch.stack(terms).sum()
+
+
+def mask_densities(model: nn.Module) -> dict[str, float]:
+    """Per Castling layer, the share of ``P > eps`` in its last training forward (for logging)."""
+    recorded = [(name, m.last_mask_density) for name, m in castling_modules(model) if m.last_mask_density is not None]
+    if not recorded:
+        return {}
+    values = torch.stack([d for _, d in recorded]).tolist()  # one device sync for all layers
+    return {name: value for (name, _), value in zip(recorded, values)}
+
+
+MASK_REG_SCHEDULES = ("constant", "linear")
+
+
+def mask_reg_weight(strength: float, schedule: str = "constant", progress: float = 0.0, ramp_share: float = 0.5) -> float:
+    """Weight of the mask regulariser at ``progress`` (0..1, share of training done).
+
+    ``constant``: ``strength`` throughout. ``linear`` [ours]: rises from 0 to ``strength`` over the first
+    ``ramp_share`` of training, then stays, so attention can form before it is pushed under ``eps``.
+    """
+    if schedule not in MASK_REG_SCHEDULES:
+        raise ValueError(f"mask regularisation schedule must be one of {MASK_REG_SCHEDULES}, got {schedule!r}")
+    if strength < 0:
+        raise ValueError(f"mask regularisation strength must be >= 0, got {strength}")
+    if schedule == "constant":
+        return float(strength)
+    if not 0.0 < ramp_share <= 1.0:
+        raise ValueError(f"ramp_share must be in (0, 1], got {ramp_share}")
+    return float(strength) * min(max(progress, 0.0) / ramp_share, 1.0)
