@@ -1,0 +1,104 @@
+"""Swin's window multi-head self-attention with a relative position bias: the ``msa`` window kind.
+
+Implements the window contract of ``pipeline.models.layers``: ``forward(x, region_ids=None)`` on
+``(B * num_windows, N, C)`` windows. Also home of the two helpers every softmax window kind shares:
+the relative position index of a window and the mask made from ``region_ids``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import to_2tuple, trunc_normal_
+from timm.models.swin_transformer import get_relative_position_index
+from torch import nn
+
+__all__ = ["WindowMSA", "relative_position_index", "same_region", "check_heads", "check_windows"]
+
+
+def relative_position_index(window_size: tuple[int, int], device=None) -> torch.Tensor:
+    """``(N, N)`` long: Swin's relative position index ``rpi(i, j)`` of a window, ``(2Wh-1)(2Ww-1)`` values."""
+    return get_relative_position_index(window_size[0], window_size[1], device=device)
+
+
+def same_region(region_ids: torch.Tensor) -> torch.Tensor:
+    """``(num_windows, N)`` region ids -> ``(num_windows, N, N)`` bool, True where query and key may meet."""
+    return region_ids.unsqueeze(-1) == region_ids.unsqueeze(-2)
+
+
+def check_heads(dim: int, num_heads: int) -> int:
+    """Channels per head; a clear error when ``dim`` does not split evenly."""
+    if num_heads < 1 or dim % num_heads:
+        raise ValueError(f"dim={dim} must be a positive multiple of num_heads={num_heads}")
+    return dim // num_heads
+
+
+def check_windows(x: torch.Tensor, window_area: int, region_ids: torch.Tensor | None) -> int:
+    """Validate a window batch against the contract; returns the number of windows per image (1 if unmasked)."""
+    if x.ndim != 3 or x.shape[1] != window_area:
+        raise ValueError(f"expected windows of shape (B * num_windows, {window_area}, C), got {tuple(x.shape)}")
+    if region_ids is None:
+        return 1
+    num_windows = region_ids.shape[0]
+    if region_ids.shape != (num_windows, window_area) or x.shape[0] % num_windows:
+        raise ValueError(
+            f"region_ids of shape {tuple(region_ids.shape)} do not fit windows {tuple(x.shape)}: "
+            f"expected (num_windows, {window_area}) with num_windows dividing {x.shape[0]}"
+        )
+    return num_windows
+
+
+class WindowMSA(nn.Module):
+    """Window multi-head self-attention with Swin's relative position bias (the baseline).
+
+    ``softmax(q kᵀ / sqrt(d) + B) v`` per window and head, ``B[k, i, j] = T[k, rpi(i, j)]`` with ``T``
+    trunc-normal(0.02) as in Swin. Under shifted windows the bias is ``-inf`` wherever two tokens carry
+    different region ids, so those weights are exactly zero.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        window_size: tuple[int, int] | int,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ):
+        super().__init__()
+        self.dim, self.num_heads = dim, num_heads
+        self.head_dim = check_heads(dim, num_heads)
+        self.window_size = to_2tuple(window_size)
+        self.window_area = self.window_size[0] * self.window_size[1]
+        num_relative = (2 * self.window_size[0] - 1) * (2 * self.window_size[1] - 1)
+
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        # (heads, entries) rather than Swin's (entries, heads): one gather gives (heads, N, N) directly
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(num_heads, num_relative))
+        trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.register_buffer("relative_position_index", relative_position_index(self.window_size), persistent=False)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def relative_position_bias(self) -> torch.Tensor:
+        """``(heads, N, N)``: the bias table gathered at every query/key pair of the window."""
+        return self.relative_position_bias_table[:, self.relative_position_index]
+
+    def forward(self, x: torch.Tensor, region_ids: torch.Tensor | None = None) -> torch.Tensor:
+        num_windows = check_windows(x, self.window_area, region_ids)
+        B_, N, C = x.shape
+        q, k, v = self.qkv(x).view(B_, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.relative_position_bias()
+        if region_ids is not None:
+            bias = bias.masked_fill(~same_region(region_ids).unsqueeze(1), float("-inf"))  # (nW, heads, N, N)
+            q, k, v = (t.view(-1, num_windows, self.num_heads, N, self.head_dim) for t in (q, k, v))
+        x = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.attn_drop if self.training else 0.0
+        )
+        x = x.reshape(B_, self.num_heads, N, self.head_dim).transpose(1, 2).reshape(B_, N, C)
+        return self.proj_drop(self.proj(x))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}"
