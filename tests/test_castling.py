@@ -1,0 +1,400 @@
+"""Castling-ViT: linear-angular attention against an explicit quadratic reference, the vanishing
+softmax branch, the mask regulariser, the switch, linear cost and export."""
+
+import math
+from collections import Counter
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import pipeline.models  # noqa: F401  (registers the models)
+from pipeline.models.counting import count_macs
+from pipeline.models.layers.castling import (
+    CastlingAttention,
+    WindowCastlingAttention,
+    castling_modules,
+    mask_densities,
+    mask_reg_weight,
+    mask_regularization,
+    switch_to_inference,
+)
+from pipeline.models.vit import VisionTransformer
+
+# ---------------------------------------------------------------- independent references
+
+
+def conv_matrix(weight, grid, num_prefix, mode):
+    """The depthwise conv as a dense (heads, N, N) matrix: out_i = sum_j M[i, j] v_j."""
+    heads, k = weight.shape[0], weight.shape[2]
+    c = k // 2
+    H, W = grid
+    N = num_prefix + H * W
+    M = torch.zeros(heads, N, N)
+    if mode == "tokens":  # slide along the whole sequence, prefix tokens included
+        for i in range(N):
+            for j in range(max(0, i - c), min(N, i + c + 1)):
+                M[:, i, j] = weight[:, 0, j - i + c, 0]
+        return M
+    for p in range(num_prefix):  # a prefix token is its own only neighbour
+        M[:, p, p] = weight[:, 0, c, c]
+    for r in range(H):
+        for s in range(W):
+            for dr in range(-c, c + 1):
+                for ds in range(-c, c + 1):
+                    if 0 <= r + dr < H and 0 <= s + ds < W:
+                        M[:, num_prefix + r * W + s, num_prefix + (r + dr) * W + s + ds] = weight[:, 0, dr + c, ds + c]
+    return M
+
+
+def reference_castling(attn, x, grid, num_prefix, branch, same=None):
+    """Castling attention in its quadratic form, from the module's weights.
+
+    A = 0.5 I + (1/pi) q̂ k̂ᵀ (restricted to ``same`` when given), Y = A v (+ Sparse v), Y/||Y||,
+    + conv(v) (restricted to ``same``), heads merged, projected. Also returns mean(Sparse) and density.
+    """
+    B, N, C = x.shape
+    h = attn.num_heads
+    d = C // h
+    q, k, v = (x @ attn.qkv.weight.T + attn.qkv.bias).split(C, dim=-1)
+    q, k, v = (t.view(B, N, h, d).transpose(1, 2) for t in (q, k, v))
+    qn, kn = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
+    A = 0.5 * torch.eye(N) + qn @ kn.transpose(-2, -1) / math.pi
+    conv = conv_matrix(attn.dwconv.weight, grid, num_prefix, attn.dwconv_mode)
+    logits = q @ k.transpose(-2, -1) / math.sqrt(d)
+    if same is not None:
+        A, conv = A * same, conv * same
+        logits = logits.masked_fill(~same, float("-inf"))
+    y = A @ v
+    stats = None
+    if branch:
+        P = logits.softmax(-1)
+        sparse = P * (P > attn.mask_eps)
+        y = y + sparse @ v
+        stats = sparse.mean(), (P > attn.mask_eps).float().mean()
+    y = y / y.norm(dim=-1, keepdim=True) + conv @ v
+    return y.transpose(1, 2).reshape(B, N, C) @ attn.proj.weight.T + attn.proj.bias, stats
+
+
+def swin_region_ids(H, W, window, shift):
+    """Swin's shifted-window regions, partitioned into (num_windows, window*window) ids."""
+    img = torch.zeros(H, W, dtype=torch.long)
+    cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    for n, (hs, ws) in enumerate((hs, ws) for hs in cuts for ws in cuts):
+        img[hs, ws] = n
+    return img.view(H // window, window, W // window, window).permute(0, 2, 1, 3).reshape(-1, window * window)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops a forward dispatches, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+    def attention_ops(self):
+        return sum(n for name, n in self.counts.items() if "softmax" in name or "scaled_dot_product" in name)
+
+
+def randomize(module, seed=0):
+    """Non-trivial weights everywhere (biases included), reproducibly."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return module
+
+
+# ---------------------------------------------------------------- the attention against its quadratic form
+
+
+@pytest.mark.parametrize("dwconv, kernel", [("tokens", 9), ("tokens", 3), ("grid", 3)])
+@pytest.mark.parametrize("branch", [True, False])
+def test_right_to_left_equals_quadratic_reference(dwconv, kernel, branch):
+    grid = (3, 4)
+    attn = randomize(
+        CastlingAttention(24, 2, grid_size=grid, num_prefix_tokens=1, mask_eps=0.1, dwconv=dwconv, dwconv_kernel=kernel)
+    )
+    if not branch:
+        switch_to_inference(attn)
+    x = torch.randn(3, 13, 24)
+    out, logits = attn(x)
+    expected, stats = reference_castling(attn, x, grid, 1, branch)
+    assert logits is None
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    if branch:  # the recorded statistics are those of the reference, and the mask is partly populated
+        torch.testing.assert_close(attn.last_mask_mean, stats[0])
+        torch.testing.assert_close(attn.last_mask_density, stats[1])
+        assert 0.05 < float(stats[1]) < 0.95
+
+
+@pytest.mark.parametrize("dwconv", ["grid", "tokens"])
+@pytest.mark.parametrize("branch", [True, False])
+def test_window_region_restriction_equals_masked_reference(dwconv, branch):
+    window, B = 4, 2
+    region_ids = swin_region_ids(8, 8, window, shift=2)  # 4 windows, up to 4 regions each
+    attn = randomize(WindowCastlingAttention(16, 2, window_size=window, mask_eps=0.05, dwconv=dwconv), seed=1)
+    if not branch:
+        switch_to_inference(attn)
+    x = torch.randn(B * 4, 16, 16)
+    out = attn(x, region_ids)
+    same = (region_ids[:, :, None] == region_ids[:, None, :]).repeat(B, 1, 1).unsqueeze(1)  # (B*nW, 1, N, N)
+    expected, stats = reference_castling(attn, x, (window, window), 0, branch, same=same)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    if branch:
+        torch.testing.assert_close(attn.last_mask_mean, stats[0].to(attn.last_mask_mean))
+    # and behaviourally: changing one region's tokens leaves every other region's outputs as they were
+    last_window = region_ids[-1]
+    moved = last_window == last_window.max()
+    x2 = x.clone()
+    x2[3][moved] += torch.randn(int(moved.sum()), 16)
+    out2 = attn(x2, region_ids)
+    torch.testing.assert_close(out2[3][~moved], out[3][~moved], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out2[3][moved], out[3][moved])
+
+
+def test_window_without_regions_equals_global_attention_on_the_same_grid():
+    window = WindowCastlingAttention(16, 2, window_size=(3, 4), dwconv="grid", dwconv_kernel=3)
+    glob = CastlingAttention(16, 2, grid_size=(3, 4), num_prefix_tokens=0, dwconv="grid", dwconv_kernel=3)
+    glob.load_state_dict(randomize(window).state_dict())
+    x = torch.randn(2, 12, 16)
+    torch.testing.assert_close(window(x), glob(x)[0])
+    one_region = torch.zeros(1, 12, dtype=torch.long)
+    torch.testing.assert_close(window(x, one_region), glob(x)[0])
+
+
+def test_output_is_unit_norm_per_head_before_the_conv():
+    attn = randomize(CastlingAttention(24, 3, grid_size=(2, 2)))
+    with torch.no_grad():
+        attn.dwconv.weight.zero_()
+        attn.proj.weight.copy_(torch.eye(24))
+        attn.proj.bias.zero_()
+    out, _ = attn(torch.randn(2, 5, 24))
+    torch.testing.assert_close(out.view(2, 5, 3, 8).norm(dim=-1), torch.ones(2, 5, 3))
+
+
+@pytest.mark.parametrize("dwconv, kernel", [("tokens", 9), ("tokens", 5), ("grid", 3)])
+def test_conv_receptive_field_is_the_kernel(dwconv, kernel):
+    """With q = k = 0 the attention is token-local, so token i's output depends on exactly its conv field."""
+    H, W = 5, 6
+    attn = randomize(CastlingAttention(16, 2, grid_size=(H, W), dwconv=dwconv, dwconv_kernel=kernel, sparse_branch=False))
+    with torch.no_grad():
+        attn.qkv.weight[:32].zero_()
+        attn.qkv.bias[:32].zero_()
+    N, c = 1 + H * W, kernel // 2
+    x = torch.randn(1, N, 16, requires_grad=True)
+    out, _ = attn(x)
+    for i in [0, 1, 8, 17, N - 1]:
+        (grad,) = torch.autograd.grad(out[0, i].sum(), x, retain_graph=True)
+        seen = set(grad[0].abs().sum(-1).nonzero().flatten().tolist())
+        if dwconv == "tokens":
+            expected = set(range(max(0, i - c), min(N, i + c + 1)))
+        elif i == 0:
+            expected = {0}  # the class token has no grid neighbours
+        else:
+            r, s = divmod(i - 1, W)
+            expected = {1 + rr * W + ss for rr in range(r - c, r + c + 1) for ss in range(s - c, s + c + 1)
+                        if 0 <= rr < H and 0 <= ss < W}
+        assert seen == expected, (i, sorted(seen))
+
+
+# ---------------------------------------------------------------- the branch and the switch
+
+
+def test_with_eps_at_least_one_training_and_inference_forms_agree():
+    torch.manual_seed(0)
+    model = timm.create_model("castling_vit_nano", num_classes=10, depth=2, attn_kwargs={"mask_eps": 1.0})
+    x = torch.randn(2, 3, 32, 32)
+    trained = model(x)
+    assert mask_densities(model) == {"blocks.0.attn": 0.0, "blocks.1.attn": 0.0}
+    inference = model.switch_to_inference()(x)
+    torch.testing.assert_close(trained, inference, rtol=0, atol=0)
+    # with eps in (0, 1) the branch does change the output: the comparison above can fail
+    model2 = timm.create_model("castling_vit_nano", num_classes=10, depth=2, img_size=16)
+    x2 = torch.randn(2, 3, 16, 16)
+    assert not torch.allclose(model2(x2), model2.switch_to_inference()(x2))
+
+
+def test_training_forward_has_one_softmax_per_block_inference_none():
+    model = timm.create_model("castling_vit_nano", num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    with OpCounter() as ops:
+        model(x)
+    assert ops.counts["_softmax"] == ops.attention_ops() == len(model.blocks) == 6
+    model.switch_to_inference()
+    for mode in (model.train, model.eval):
+        mode()
+        with OpCounter() as ops:
+            model(x)
+        assert ops.attention_ops() == 0, ops.counts
+    # the counter does see fused attention: the softmax twin dispatches one attention op per block
+    with OpCounter() as ops:
+        timm.create_model("vit_msa_nano", num_classes=10).eval()(x)
+    assert ops.attention_ops() == 6
+
+
+def test_switch_keeps_the_state_dict_and_the_interface():
+    model = timm.create_model("castling_vit_nano", num_classes=10, depth=2)
+    model(torch.randn(2, 3, 32, 32))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert switch_to_inference(model) is model
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(not m.sparse_branch for _, m in castling_modules(model))
+    assert float(mask_regularization(model)) == 0.0 and mask_densities(model) == {}
+    # a fresh training-form model loads the switched model's weights as they are
+    timm.create_model("castling_vit_nano", num_classes=10, depth=2).load_state_dict(after)
+    attn = model.blocks[0].attn
+    assert not attn.has_logits
+    x = torch.randn(1, 65, 128)
+    with pytest.raises(ValueError, match="logits"):
+        attn(x, return_logits=True)
+    with pytest.raises(ValueError, match="attn_bias"):
+        attn(x, attn_bias=torch.zeros(1, 4, 65, 65))
+
+
+def test_bad_input_is_named():
+    attn = CastlingAttention(16, 2, grid_size=(2, 2))
+    with pytest.raises(ValueError, match=r"\(B, 5, 16\)"):
+        attn(torch.randn(1, 4, 16))
+    with pytest.raises(ValueError, match="odd"):
+        CastlingAttention(16, 2, grid_size=(2, 2), dwconv_kernel=4)
+    with pytest.raises(ValueError, match="dwconv"):
+        CastlingAttention(16, 2, grid_size=(2, 2), dwconv="3d")
+    with pytest.raises(ValueError, match="num_heads"):
+        CastlingAttention(16, 3, grid_size=(2, 2))
+    window = WindowCastlingAttention(16, 2, window_size=2)
+    with pytest.raises(ValueError, match="region_ids"):
+        window(torch.randn(4, 4, 16), torch.zeros(3, 4, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- the mask regulariser
+
+
+def test_mask_reg_weight_schedules():
+    assert mask_reg_weight(2.0, "constant", 0.9) == 2.0
+    assert mask_reg_weight(2.0, "linear", 0.0, ramp_share=0.5) == 0.0
+    assert mask_reg_weight(2.0, "linear", 0.25, ramp_share=0.5) == pytest.approx(1.0)
+    assert mask_reg_weight(2.0, "linear", 0.8, ramp_share=0.5) == 2.0
+    with pytest.raises(ValueError, match="schedule"):
+        mask_reg_weight(1.0, "cosine", 0.5)
+    with pytest.raises(ValueError, match="ramp_share"):
+        mask_reg_weight(1.0, "linear", 0.5, ramp_share=0.0)
+
+
+def test_mask_regularization_is_the_differentiable_sum_over_layers():
+    torch.manual_seed(0)
+    model = timm.create_model("castling_vit_nano", num_classes=10, depth=3, img_size=16)
+    model(torch.randn(2, 3, 16, 16))
+    reg = mask_regularization(model)
+    torch.testing.assert_close(reg, sum(m.last_mask_mean for _, m in castling_modules(model)))
+    assert reg > 0
+    reg.backward()
+    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0  # the term reaches the query/key weights
+    model.eval()  # evaluation forwards do not overwrite the training statistics
+    model(torch.randn(2, 3, 16, 16))
+    assert mask_regularization(model) is not None and mask_densities(model).keys() == {f"blocks.{i}.attn" for i in range(3)}
+
+
+def _density_after_training(strength, steps=12):
+    """Mean mask density of a small Castling ViT before and after a short optimisation with the regulariser."""
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=2,
+                              num_heads=2, attn="castling")
+    with torch.no_grad():  # sharper attention at start, so that the mask is populated (at init P ~ 1/65 < eps)
+        for block in model.blocks:
+            block.attn.qkv.weight[:128] *= 3
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 1, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    densities = []
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x), y)
+        densities.append(sum(mask_densities(model).values()) / 2)
+        opt.zero_grad()
+        (loss + mask_reg_weight(strength) * mask_regularization(model)).backward()
+        opt.step()
+    model(x)
+    return densities[0], sum(mask_densities(model).values()) / 2
+
+
+@pytest.mark.timeout(120)
+def test_regulariser_drives_mask_density_down_faster_with_larger_lambda():
+    before, free = _density_after_training(0.0)
+    _, mild = _density_after_training(100.0)
+    _, strong = _density_after_training(1000.0)
+    assert before > 0.05
+    assert strong < mild < before <= free * 1.02  # without the term the mask does not shrink
+    assert strong < 0.3 * before
+
+
+# ---------------------------------------------------------------- cost and export
+
+
+def _castling_macs_formula(tokens_side, C=192, depth=12, d=64, kernel=9, patch=16, classes=1000):
+    N = 1 + tokens_side**2
+    per_block = 12 * N * C * C + 2 * N * C * d + N * C * kernel  # qkv+proj+mlp, k̂ᵀv and q̂(k̂ᵀv), conv
+    return tokens_side**2 * C * 3 * patch * patch + depth * per_block + C * classes
+
+
+def test_inference_macs_per_token_are_constant_in_tokens_softmax_grows():
+    per_token = {}
+    for kind in ("castling_deit_tiny", "vit_msa_deit_tiny"):
+        for side in (14, 28, 56):  # 196, 784, 3136 patch tokens
+            with torch.device("meta"):
+                model = timm.create_model(kind, img_size=16 * side).eval().switch_to_inference()
+                macs = count_macs(model, torch.empty(1, 3, 16 * side, 16 * side))
+            if kind.startswith("castling"):
+                assert macs == _castling_macs_formula(side)
+            per_token[kind, side] = macs / side**2
+    castling = [per_token["castling_deit_tiny", s] for s in (14, 28, 56)]
+    msa = [per_token["vit_msa_deit_tiny", s] for s in (14, 28, 56)]
+    assert max(castling) / min(castling) < 1.01
+    assert msa[0] < msa[1] < msa[2] and msa[2] / msa[0] > 2.5
+    assert castling[0] < msa[0]
+    # the training form carries the quadratic branch, which the switch removes
+    with torch.device("meta"):
+        model = timm.create_model("castling_deit_tiny").train()
+        assert count_macs(model, torch.empty(1, 3, 224, 224)) > _castling_macs_formula(14) + 12 * 2 * 197**2 * 192 * 0.99
+
+
+@pytest.mark.timeout(180)
+def test_inference_model_exports_without_softmax():
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    torch.manual_seed(0)
+    model = timm.create_model("castling_vit_nano", num_classes=10, depth=2).switch_to_inference().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    exported = torch.export.export(model, (x,))
+    targets = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
+    assert not any("softmax" in t or "scaled_dot_product" in t for t in targets)
+    torch.testing.assert_close(exported.module()(x), expected)
+
+    proto = torch.onnx.export(model, (x,), dynamo=True).model_proto
+    ops = {n.op_type for n in proto.graph.node} | {n.op_type for f in proto.functions for n in f.node}
+    assert "Softmax" not in ops and "MatMul" in ops and "Conv" in ops
+    onnx.checker.check_model(proto)
+    (onnx_out,) = ReferenceEvaluator(proto).run(None, {proto.graph.input[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(onnx_out), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_registered_models_build_and_run():
+    x = torch.randn(2, 3, 32, 32)
+    nano = timm.create_model("castling_vit_nano", num_classes=10)
+    twin = timm.create_model("vit_msa_nano", num_classes=10)
+    assert nano(x).shape == twin(x).shape == (2, 10)
+    extra = sum(m.dwconv.weight.numel() for _, m in castling_modules(nano))  # the conv is Castling's only addition
+    assert sum(p.numel() for p in nano.parameters()) == sum(p.numel() for p in twin.parameters()) + extra == \
+        sum(p.numel() for p in twin.parameters()) + 6 * 4 * 9
+    with torch.device("meta"):
+        for name, published in [("castling_deit_tiny", 5.7e6), ("castling_deit_small", 22e6), ("castling_deit_base", 86e6)]:
+            assert sum(p.numel() for p in timm.create_model(name).parameters()) == pytest.approx(published, rel=0.03)
