@@ -12,7 +12,67 @@ import sys
 def _add_shards_commands(sub: argparse._SubParsersAction) -> None:
     """`vitpipe shards build|verify|inspect`: the data plane (pipeline.data)."""
     shards = sub.add_parser("shards", help="build, verify and inspect WebDataset shards")
-    shards.add_subparsers(dest="shards_command", required=True, metavar="ACTION")
+    actions = shards.add_subparsers(dest="shards_command", required=True, metavar="ACTION")
+
+    build = actions.add_parser("build", help="write train/val/test shards and their manifests")
+    build.add_argument("source", help="the input dataset (a folder, or a file for parquet / CIFAR .tar.gz)")
+    build.add_argument("out_dir", help="where OUT_DIR/{train,val,test}/ go")
+    build.add_argument("--format", required=True, choices=["imagefolder", "idx", "parquet", "cifar"])
+    build.add_argument("--samples-per-shard", type=int, default=10_000)
+    build.add_argument("--val-fraction", type=float, default=0.1,
+                       help="share of train carved into val when the source has no val split (0: none)")
+    build.add_argument("--seed", type=int, default=0, help="seeds the val carve-out and the sample order")
+    build.add_argument("--image-column", default="image", help="parquet: the encoded-image column")
+    build.add_argument("--label-column", default="label", help="parquet: the label column")
+    build.add_argument("--class-names", type=lambda s: s.split(","), help="idx/parquet: comma-separated names")
+    build.add_argument("--overwrite", action="store_true", help="replace shards already in OUT_DIR")
+    build.add_argument("--no-progress", dest="progress", action="store_false")
+    build.set_defaults(func=_shards_build)
+
+    verify = actions.add_parser("verify", help="re-read every shard against its manifest; non-zero exit on damage")
+    verify.add_argument("out_dir")
+    verify.add_argument("--no-progress", dest="progress", action="store_false")
+    verify.set_defaults(func=_shards_verify)
+
+    inspect = actions.add_parser("inspect", help="summary table: splits, shards, samples, classes")
+    inspect.add_argument("out_dir")
+    inspect.set_defaults(func=_shards_inspect)
+
+
+def _shards_build(args: argparse.Namespace) -> int:
+    from pipeline.data import ManifestError, SourceError, build_shards, inspect_shards
+
+    try:
+        build_shards(
+            args.source, args.out_dir, format=args.format, samples_per_shard=args.samples_per_shard,
+            val_fraction=args.val_fraction, seed=args.seed, image_column=args.image_column,
+            label_column=args.label_column, class_names=args.class_names, overwrite=args.overwrite,
+            progress=args.progress,
+        )  # fmt: skip
+    except (SourceError, ManifestError, FileExistsError, ValueError) as exc:
+        print(f"vitpipe shards build: {exc}", file=sys.stderr)
+        return 2
+    print(inspect_shards(args.out_dir))
+    return 0
+
+
+def _shards_verify(args: argparse.Namespace) -> int:
+    from pipeline.data import verify_shards
+
+    report = verify_shards(args.out_dir, progress=args.progress)
+    print(report)
+    return 0 if report.ok else 1
+
+
+def _shards_inspect(args: argparse.Namespace) -> int:
+    from pipeline.data import ManifestError, inspect_shards
+
+    try:
+        print(inspect_shards(args.out_dir))
+    except ManifestError as exc:
+        print(f"vitpipe shards inspect: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _add_train_command(sub: argparse._SubParsersAction) -> None:

@@ -1,0 +1,113 @@
+"""One sample in a shard: how it is keyed, stored, read back and decoded.
+
+A sample is two tar members sharing a key: ``<key>.<ext>`` (the encoded image; ext = png, jpg, ...) and
+``<key>.cls`` (the class index as decimal text), the WebDataset convention. Keys are
+``<source split>-<index in that split>`` (``train-00012345``), so a bad sample can be traced to its source.
+Tar reading is webdataset's (gopen for every URL scheme, its tar iterators); this module adds the errors
+that name the shard and the sample key.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+
+from PIL import Image
+
+from .manifest import ManifestError
+
+IMAGE_EXTS = frozenset({"png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm"})
+LABEL_EXT = "cls"
+
+
+class ShardError(OSError):
+    """A shard cannot be opened or read to the end (missing, truncated, not a tar)."""
+
+
+class CorruptSampleError(ValueError):
+    """A sample's image does not decode, or its label is missing or out of range."""
+
+
+class ManifestMismatchError(ManifestError):
+    """A shard holds a different number of samples than its manifest says."""
+
+
+def sample_key(split: str, index: int) -> str:
+    # No dots: webdataset splits a member name into key and extension at the first dot.
+    return f"{split}-{index:08d}"
+
+
+def sample_members(key: str, ext: str, data: bytes, label: int) -> dict:
+    """The dict webdataset's TarWriter stores as one sample (encoder=False: values are bytes)."""
+    return {"__key__": key, ext: data, LABEL_EXT: str(label).encode()}
+
+
+def iter_shard(url: str) -> Iterator[dict]:
+    """The samples of one shard, as dicts of raw bytes with ``__key__`` and ``__url__``.
+
+    Raises ShardError naming the shard (and the last good key) when it cannot be opened or read.
+    """
+    from webdataset import tariterators
+    from webdataset.gopen import gopen
+
+    try:
+        stream = gopen(url, "rb")
+    except Exception as exc:
+        raise ShardError(f"shard {url}: cannot open ({type(exc).__name__}: {exc})") from exc
+    last_key = None
+    try:
+        files = tariterators.tar_file_expander([{"url": url, "stream": stream}], eof_value={})
+        for sample in tariterators.group_by_keys(files):
+            if LABEL_EXT not in sample or not IMAGE_EXTS.intersection(sample):
+                # tarfile ends quietly when a member header is cut off: the sample before it comes out partial.
+                members = sorted(k for k in sample if not k.startswith("__"))
+                raise ShardError(
+                    f"shard {url}: sample {sample['__key__']!r} is incomplete (members {members}): "
+                    f"the shard is truncated or damaged"
+                )
+            last_key = sample["__key__"]
+            yield sample
+    except ShardError:
+        raise
+    except Exception as exc:
+        where = f"after sample {last_key!r}" if last_key else "before its first sample"
+        cause = f"{type(exc).__name__}: {exc.args[0] if exc.args else ''}"
+        status = _exit_status(stream)
+        if status:
+            cause += f"; the command exited with status {status}"
+        raise ShardError(f"shard {url}: unreadable {where} ({cause})") from exc
+    finally:
+        try:
+            stream.close()
+        except Exception:
+            pass  # a pipe we stopped reading early exits with SIGPIPE; nothing to report
+
+
+def _exit_status(stream) -> int | None:
+    """The exit status of a ``pipe:``/``gs:``/``http:`` stream's command (webdataset runs them as processes)."""
+    process = getattr(stream, "proc", None)
+    if process is None:
+        return None
+    try:
+        return process.wait(timeout=10)
+    except Exception:
+        return None
+
+
+def decode_sample(sample: dict, num_classes: int) -> tuple[Image.Image, int]:
+    """The PIL image (fully loaded) and label of a raw sample; CorruptSampleError names shard and key."""
+    key, url = sample.get("__key__"), sample.get("__url__")
+    try:
+        exts = [k for k in sample if k in IMAGE_EXTS]
+        if len(exts) != 1:
+            raise ValueError(f"expected one image member, found {exts or 'none'}")
+        if LABEL_EXT not in sample:
+            raise ValueError("no .cls label member")
+        label = int(sample[LABEL_EXT])
+        if not 0 <= label < num_classes:
+            raise ValueError(f"label {label} outside 0..{num_classes - 1}")
+        image = Image.open(io.BytesIO(sample[exts[0]]))
+        image.load()
+    except Exception as exc:
+        raise CorruptSampleError(f"shard {url}: sample {key!r} is corrupt ({type(exc).__name__}: {exc})") from exc
+    return image, label

@@ -1,0 +1,97 @@
+"""Image transforms: timm's ``create_transform`` behind one colour-mode conversion.
+
+Train: random-resized crop, flip, colour jitter, optional RandAugment / AutoAugment / AugMix (timm's
+``auto_augment`` strings, e.g. ``rand-m9-mstd0.5-inc1``), optional random erasing. Eval: resize and
+centre crop. Images are first converted to the mode the model takes: greyscale data becomes RGB when
+``in_chans=3`` and stays single-channel when ``in_chans=1``.
+"""
+
+from __future__ import annotations
+
+from PIL import Image, ImageOps
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, auto_augment, create_transform
+from torchvision import transforms
+
+
+class ConvertMode:
+    """PIL image -> the given mode (a picklable callable, so DataLoader workers can use it under spawn)."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def __call__(self, image):
+        return image if image.mode == self.mode else image.convert(self.mode)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.mode!r})"
+
+
+def build_transform(
+    img_size: int | tuple[int, int],
+    *,
+    train: bool,
+    in_chans: int = 3,
+    auto_augment: str | None = None,
+    scale: tuple[float, float] | None = None,
+    ratio: tuple[float, float] | None = None,
+    hflip: float = 0.5,
+    color_jitter: float = 0.4,
+    re_prob: float = 0.0,
+    interpolation: str = "bilinear",
+    crop_pct: float | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+) -> transforms.Compose:
+    """PIL image -> normalised FloatTensor[in_chans, H, W]; the knobs are timm's ``create_transform``'s."""
+    if in_chans not in (1, 3):
+        raise ValueError(f"in_chans must be 1 (greyscale) or 3 (RGB), got {in_chans}")
+    if mean is None or std is None:
+        mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+        if in_chans == 1:
+            # [ours] one channel: the average of ImageNet's per-channel statistics.
+            mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+    if len(mean) != in_chans or len(std) != in_chans:
+        raise ValueError(f"mean/std need {in_chans} value(s) for in_chans={in_chans}, got {mean} / {std}")
+    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+    timm_transform = create_transform(
+        (in_chans, h, w),
+        is_training=train,
+        auto_augment=auto_augment,
+        scale=scale,
+        ratio=ratio,
+        hflip=hflip,
+        color_jitter=color_jitter,
+        re_prob=re_prob,
+        interpolation=interpolation,
+        crop_pct=crop_pct,
+        mean=tuple(mean),
+        std=tuple(std),
+    )
+    _allow_zero_bit_posterize(timm_transform)
+    return transforms.Compose([ConvertMode("L" if in_chans == 1 else "RGB"), timm_transform])
+
+
+def posterize(image: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize, with 0 bits kept meaning black (what Pillow < 12 and the TF original did).
+
+    timm's RandAugment/AutoAugment map the top magnitude to 0 bits (``rand-m9-mstd0.5-inc1`` reaches it
+    now and then, ``m10`` every time); Pillow 12+ raises on 0, which would stop a training run mid-epoch.
+    """
+    if bits_to_keep >= 8:
+        return image
+    if bits_to_keep < 1:
+        return Image.new(image.mode, image.size)
+    return ImageOps.posterize(image, bits_to_keep)
+
+
+def _allow_zero_bit_posterize(node) -> None:
+    """Swap ``posterize`` into the augmentation ops of one built transform (no global patching)."""
+    if isinstance(node, auto_augment.AugmentOp):
+        if node.aug_fn is auto_augment.posterize:
+            node.aug_fn = posterize
+    elif isinstance(node, (list, tuple)):
+        for child in node:
+            _allow_zero_bit_posterize(child)
+    else:
+        for attr in ("transforms", "ops", "policy"):
+            _allow_zero_bit_posterize(getattr(node, attr, ()))

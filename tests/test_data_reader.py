@@ -1,0 +1,349 @@
+"""The training reader: balanced partitions over uneven shards, per-epoch reshuffle, exact eval, bad data."""
+
+from __future__ import annotations
+
+import http.server
+import itertools
+import json
+import shutil
+import threading
+from collections import Counter
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+from torchvision import transforms as T
+
+from pipeline.data import (
+    CorruptSampleError,
+    ManifestMismatchError,
+    ShardError,
+    build_loader,
+    build_transform,
+    plan_epoch,
+    read_manifest,
+)
+from pipeline.data.manifest import ManifestError
+from tests.datasets import (
+    UNEVEN_SHARDS,
+    corrupt_sample,
+    digits_arrays,
+    index_of,
+    make_digits_shards,
+    make_indexed_shards,
+)
+
+NUM_INDEXED = 602  # over the six UNEVEN_SHARDS sizes (602 = their sum)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory):
+    return make_indexed_shards(tmp_path_factory.mktemp("indexed"), NUM_INDEXED)
+
+
+def read_indices(loader) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Per batch: the indices its real rows spell, and its labels."""
+    batches, labels = [], []
+    for images, y in loader:
+        batches.append([index_of(img) for img, label in zip(images, y) if label >= 0])
+        labels.append(y)
+    return batches, labels
+
+
+# ------------------------------------------------------------------------------------------ the plan
+
+
+def covered(plans, sizes) -> list[tuple[int, int]]:
+    """(shard, position) pairs the plans read, from the segments (checked against the sizes)."""
+    pairs = []
+    for plan in plans:
+        for seg in plan.segments:
+            assert 0 <= seg.start < seg.stop <= sizes[seg.shard]
+            pairs += [(seg.shard, p) for p in range(seg.start, seg.stop)]
+    return pairs
+
+
+@pytest.mark.parametrize("world_size,batch_size,num_workers", [(1, 7, 1), (2, 8, 3), (3, 16, 2), (4, 5, 4)])
+def test_train_plan_balanced_disjoint_bounded_drop(world_size, batch_size, num_workers):
+    sizes = [97, 250, 13, 180, 61, 1, 40]
+    total = sum(sizes)
+    for epoch in range(3):
+        ranks = [plan_epoch(sizes, batch_size=batch_size, rank=r, world_size=world_size, num_workers=num_workers,
+                            epoch=epoch, seed=5, train=True) for r in range(world_size)]  # fmt: skip
+        batches = [sum(p.num_batches for p in plans) for plans in ranks]
+        assert len(set(batches)) == 1 and batches[0] == total // (world_size * batch_size)
+        for plans in ranks:  # train: every worker's batches are all real samples
+            assert all(p.num_real == p.num_batches * batch_size for p in plans)
+        read = list(itertools.chain.from_iterable(covered(plans, sizes) for plans in ranks))
+        assert len(read) == len(set(read)), "a sample is read twice in one epoch"
+        assert 0 <= total - len(read) < world_size * batch_size
+
+
+@pytest.mark.parametrize("world_size,batch_size,num_workers", [(1, 7, 2), (3, 16, 2), (4, 100, 3), (8, 4, 1)])
+def test_eval_plan_reads_every_sample_once_in_order(world_size, batch_size, num_workers):
+    sizes = [97, 250, 13, 180, 61, 1, 40]
+    ranks = [plan_epoch(sizes, batch_size=batch_size, rank=r, world_size=world_size, num_workers=num_workers,
+                        train=False) for r in range(world_size)]  # fmt: skip
+    assert len({sum(p.num_batches for p in plans) for plans in ranks}) == 1
+    read = list(itertools.chain.from_iterable(covered(plans, sizes) for plans in ranks))
+    assert read == [(s, p) for s in range(len(sizes)) for p in range(sizes[s])]  # all, once, manifest order
+
+
+def test_plan_reshuffles_per_epoch_deterministically():
+    sizes = [50] * 12
+    plan = partial(plan_epoch, sizes, batch_size=10, rank=0, world_size=3, num_workers=1, seed=1, train=True)
+    shards = [tuple(s.shard for s in plan(epoch=e)[0].segments) for e in range(4)]
+    assert shards[0] == tuple(s.shard for s in plan(epoch=0)[0].segments)  # deterministic
+    assert len(set(shards)) == 4  # and different every epoch
+
+
+def test_plan_too_small_for_a_batch_is_a_clear_error():
+    with pytest.raises(ValueError, match="no full batch per rank"):
+        plan_epoch([5, 5], batch_size=8, world_size=2, train=True)
+
+
+# ------------------------------------------------------------------------------- the loader, end to end
+
+
+def test_ranks_get_equal_batches_no_duplicates_bounded_drop(indexed):
+    world_size, batch_size = 3, 16
+    seen, lengths = [], []
+    for rank in range(world_size):
+        loader = build_loader(indexed, batch_size=batch_size, rank=rank, world_size=world_size, epoch=2, seed=7,
+                              num_workers=2 if rank == 0 else 0, shuffle_buffer=64)  # fmt: skip
+        batches, labels = read_indices(loader)
+        lengths.append((len(loader), len(batches)))
+        assert all(len(b) == batch_size for b in batches)
+        for b, y in zip(batches, labels):  # labels travel with their images
+            assert y.tolist() == [i % 5 for i in b]
+        seen += itertools.chain.from_iterable(batches)
+    assert len({n for pair in lengths for n in pair}) == 1 and lengths[0][0] == NUM_INDEXED // (3 * 16)
+    assert len(seen) == len(set(seen))
+    assert set(seen) <= set(range(NUM_INDEXED))
+    assert NUM_INDEXED - len(seen) < world_size * batch_size
+
+
+def test_epochs_reshuffle_and_repeat_exactly(indexed):
+    def rank0_indices(epoch):
+        loader = build_loader(indexed, batch_size=10, world_size=2, epoch=epoch, seed=3, num_workers=0)
+        return list(itertools.chain.from_iterable(read_indices(loader)[0]))
+
+    first = rank0_indices(0)
+    assert rank0_indices(0) == first
+    second = rank0_indices(1)
+    assert second != first and set(second) != set(first)  # other samples for this rank, not just reordered
+
+    loader = build_loader(indexed, batch_size=10, world_size=2, epoch=0, seed=3, num_workers=0)
+    loader.set_epoch(1)
+    assert list(itertools.chain.from_iterable(read_indices(loader)[0])) == second
+
+
+def test_eval_covers_every_sample_once_with_label_minus_one_padding(indexed):
+    world_size, batch_size = 4, 32  # 602 samples: ranks of 151/151/150/150, 5 batches each
+    seen, lengths, pads = [], set(), 0
+    for rank in range(world_size):
+        loader = build_loader(indexed, batch_size=batch_size, rank=rank, world_size=world_size, train=False,
+                              num_workers=2 if rank == 3 else 0)  # fmt: skip
+        batches, labels = read_indices(loader)
+        lengths |= {len(loader), len(batches)}
+        assert all(len(y) == batch_size for y in labels)
+        pads += sum(int((y == -1).sum()) for y in labels)
+        seen += itertools.chain.from_iterable(batches)
+    assert lengths == {5}
+    assert sorted(seen) == list(range(NUM_INDEXED))
+    assert pads == world_size * 5 * batch_size - NUM_INDEXED
+
+
+def test_eval_order_is_the_manifest_order(indexed):
+    loader = build_loader(indexed, batch_size=50, train=False, num_workers=0)
+    order = list(itertools.chain.from_iterable(read_indices(loader)[0]))
+    manifest = read_manifest(indexed)
+    keys = []
+    for shard in manifest.shard_urls():
+        import tarfile
+
+        with tarfile.open(shard) as tar:
+            keys += [int(m.name.split("-")[1].split(".")[0]) for m in tar.getmembers() if m.name.endswith(".cls")]
+    assert order == keys
+
+
+def test_pixels_and_labels_read_back_equal_the_source(tmp_path):
+    root = make_digits_shards(tmp_path / "digits", samples_per_shard=UNEVEN_SHARDS, image_size=16)
+    images, labels = digits_arrays(16)
+    expected = Counter((img.tobytes(), int(label)) for img, label in zip(images, labels))
+    got = Counter()
+    for split in ("train", "val", "test"):
+        for x, y in build_loader(root / split, batch_size=64, train=False, num_workers=0):
+            for img, label in zip(x, y):
+                if label >= 0:
+                    got[((img[0] * 255).round().to(torch.uint8).numpy().tobytes(), int(label))] += 1
+    assert got == expected
+
+
+def test_build_transform_grey_to_rgb_and_one_channel(tmp_path):
+    root = make_digits_shards(tmp_path / "digits", image_size=8)
+    rgb = build_transform(16, train=False, in_chans=3)
+    grey = build_transform(16, train=False, in_chans=1)
+    x3, y3 = next(iter(build_loader(root / "test", batch_size=8, train=False, transform=rgb, num_workers=0)))
+    x1, y1 = next(iter(build_loader(root / "test", batch_size=8, train=False, transform=grey, num_workers=0)))
+    assert x3.shape == (8, 3, 16, 16) and x1.shape == (8, 1, 16, 16)
+    assert torch.equal(y3, y1)
+    # Independent reference: torchvision's own resize / centre-crop / normalise on the same images.
+    images, _ = digits_arrays(8)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    raw = next(iter(build_loader(root / "test", batch_size=8, train=False, num_workers=0)))[0]
+    ref = T.Compose([T.Resize(18, interpolation=T.InterpolationMode.BILINEAR), T.CenterCrop(16), T.Normalize(mean, std)])
+    expected = ref(raw.expand(-1, 3, -1, -1))
+    assert torch.allclose(x3, expected, atol=0.02)
+    denormalised = x3 * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+    assert torch.allclose(denormalised[:, 0], denormalised[:, 1], atol=1e-5)  # grey replicated to RGB
+    assert torch.allclose(x1[:, 0] * 0.226 + 0.449, denormalised[:, 0], atol=1e-4)
+
+
+def test_train_transform_random_augmentation_shapes(tmp_path):
+    root = make_digits_shards(tmp_path / "digits")
+    tf = build_transform(24, train=True, in_chans=3, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25)
+    loader = build_loader(root / "train", batch_size=32, transform=tf, num_workers=2)
+    batches = list(loader)
+    assert len(batches) == len(loader) and all(x.shape == (32, 3, 24, 24) for x, _ in batches)
+    assert all(x.dtype == torch.float32 and y.dtype == torch.int64 for x, y in batches)
+    with pytest.raises(ValueError, match="in_chans"):
+        build_transform(24, train=True, in_chans=2)
+
+
+def test_randaugment_top_magnitude_posterize_does_not_crash():
+    from PIL import Image
+
+    from pipeline.data.transforms import posterize
+
+    image = Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16)).convert("RGB")
+    assert np.array(posterize(image, 0)).max() == 0  # 0 bits kept: black, as TF's RandAugment does
+    assert np.array_equal(np.array(posterize(image, 2)), np.array(image) & 0b11000000)
+    # m10 with increasing posterize asks for 0 bits whenever posterize is drawn (Pillow 12+ raises on it).
+    tf = build_transform(16, train=True, auto_augment="rand-m10-n15-mstd0-inc1")
+    for _ in range(20):
+        assert tf(image).shape == (3, 16, 16)
+
+
+# ---------------------------------------------------------------------------------------- URL schemes
+
+
+def indices(loader) -> list[int]:
+    return list(itertools.chain.from_iterable(read_indices(loader)[0]))
+
+
+def test_file_and_pipe_urls_and_an_explicit_url_list(indexed):
+    local = indices(build_loader(indexed, batch_size=20, seed=1, num_workers=0))
+    assert indices(build_loader(f"file://{indexed}", batch_size=20, seed=1, num_workers=0)) == local
+    assert indices(build_loader(f"pipe:cat {indexed}/{{name}}", batch_size=20, seed=1, num_workers=0)) == local
+    manifest = read_manifest(indexed)
+    urls = [f"pipe:cat {indexed}/{s.name}" for s in reversed(manifest.shards)]  # order does not matter
+    loader = build_loader(urls, manifest=indexed / "manifest.json", batch_size=20, seed=1, num_workers=0)
+    assert indices(loader) == local
+    with pytest.raises(ManifestError, match="needs its manifest"):
+        build_loader(urls, batch_size=20)
+    with pytest.raises(ManifestError, match="no URL given"):
+        build_loader(urls[1:], manifest=manifest, batch_size=20)
+
+
+def test_http_urls(indexed):
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(indexed.parent))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/train"
+        assert read_manifest(url).num_samples == NUM_INDEXED
+        remote = indices(build_loader(url, batch_size=20, seed=1, num_workers=2))
+    finally:
+        server.shutdown()
+    assert remote == indices(build_loader(indexed, batch_size=20, seed=1, num_workers=2))
+
+
+# ----------------------------------------------------------------------------------------- bad data
+
+
+@pytest.fixture
+def digits_copy(tmp_path):
+    return make_digits_shards(tmp_path / "digits", samples_per_shard=100)
+
+
+def test_missing_shard_names_it(digits_copy):
+    victim = digits_copy / "test" / "test-000001.tar"
+    victim.unlink()
+    with pytest.raises(ShardError, match="test-000001.tar"):
+        build_loader(digits_copy / "test", batch_size=10)
+    with pytest.raises(ShardError, match=r"test-000001.tar: unreadable before its first sample.*(status|exit) 1"):
+        list(build_loader(f"pipe:cat {digits_copy}/test/{{name}}", batch_size=10, train=False, num_workers=0))
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_corrupt_image_names_shard_and_key_or_is_skipped(digits_copy, num_workers):
+    shard = digits_copy / "test" / "test-000002.tar"
+    key = corrupt_sample(shard)
+    loader = build_loader(digits_copy / "test", batch_size=10, train=False, num_workers=num_workers)
+    with pytest.raises(CorruptSampleError, match=rf"test-000002.tar: sample '{key}'"):
+        list(loader)
+    loader = build_loader(digits_copy / "test", batch_size=10, train=False, num_workers=num_workers, skip_corrupt=True)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 30 and loader.skipped == 1
+    assert sum(int((y == -1).sum()) for _, y in batches) == 1
+
+
+@pytest.mark.parametrize("cut", ["in a member's data", "in a member's header"])
+def test_truncated_shard_names_the_shard(digits_copy, cut):
+    import tarfile
+
+    shard = digits_copy / "test" / "test-000000.tar"
+    with tarfile.open(shard) as tar:
+        member = tar.getmembers()[41]
+    size = member.offset_data + member.size // 2 if cut == "in a member's data" else member.offset + 100
+    with open(shard, "r+b") as f:
+        f.truncate(size)
+    message = r"test-000000.tar: (unreadable after sample 'test-\d{8}'|sample 'test-\d{8}' is incomplete)"
+    with pytest.raises(ShardError, match=message):
+        list(build_loader(digits_copy / "test", batch_size=10, train=False, num_workers=0, skip_corrupt=True))
+
+
+def test_manifest_disagreeing_with_shards_names_the_shard(digits_copy):
+    split = digits_copy / "test"  # 300 samples: shards of 100, 100, 100
+    original = json.loads((split / "manifest.json").read_text())
+
+    def claim(shard1_delta):  # move samples between shards 1 and 2 in the manifest (totals stay consistent)
+        manifest = json.loads(json.dumps(original))
+        manifest["shards"][1]["num_samples"] += shard1_delta
+        manifest["shards"][2]["num_samples"] -= shard1_delta
+        (split / "manifest.json").write_text(json.dumps(manifest))
+
+    claim(+5)
+    with pytest.raises(ManifestMismatchError, match="test-000001.tar: ended after 100 samples"):
+        list(build_loader(split, batch_size=10, train=False, num_workers=0))
+    claim(-5)
+    with pytest.raises(ManifestMismatchError, match="test-000001.tar: holds more than the 95 samples"):
+        list(build_loader(split, batch_size=10, train=False, num_workers=0))
+
+
+def test_source_errors_are_clear(tmp_path, digits_copy):
+    with pytest.raises(ManifestError, match="no manifest.json"):
+        build_loader(tmp_path / "nowhere", batch_size=4)
+    with pytest.raises(ManifestError, match="dataset root with splits"):
+        build_loader(digits_copy, batch_size=4)
+    with pytest.raises(ValueError, match="rank 2 is not in 0..1"):
+        build_loader(digits_copy / "test", batch_size=4, rank=2, world_size=2)
+    (digits_copy / "val" / "manifest.json").write_text("{not json")
+    with pytest.raises(ManifestError, match="val/manifest.json: not a valid shard manifest"):
+        read_manifest(digits_copy / "val")
+
+
+def test_read_manifest_describes_the_dataset(digits_copy):
+    info = read_manifest(digits_copy)
+    assert info.num_samples == {"train": 1347, "val": 150, "test": 300}
+    assert info.classes == tuple(str(i) for i in range(10)) and info.num_classes == 10
+    assert info.image_size == (8, 8) and info.image_mode == "L" and info.channels == 1
+    train = read_manifest(digits_copy / "train")
+    assert train.num_samples == 1347 and len(train.shards) == 14
+    assert sum(train.class_counts) == 1347 and train.image.formats == {"png": 1347}
