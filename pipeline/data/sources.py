@@ -230,6 +230,7 @@ class _CifarUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how Python 3 writes bytes under pickle protocol 2 (re-saved batches)
     }
 
     def find_class(self, module: str, name: str):
