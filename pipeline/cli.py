@@ -77,6 +77,19 @@ def _shards_inspect(args: argparse.Namespace) -> int:
 
 def _add_train_command(sub: argparse._SubParsersAction) -> None:
     """`vitpipe train`: distributed training on Ray Train (pipeline.train)."""
+    from pipeline.train.launcher import add_arguments  # light: argparse and the config schema only
+
+    train = sub.add_parser("train", help="train a model on Ray Train (DDP workers), tracked in MLflow",
+                           description="Train a model on Ray Train, tracked in MLflow. Resumes a run name "
+                           "that has checkpoints unless --new is given.")  # fmt: skip
+    add_arguments(train)
+    train.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from pipeline.train.launcher import run_from_args
+
+    return run_from_args(args)
 
 
 def _add_tune_commands(sub: argparse._SubParsersAction) -> None:

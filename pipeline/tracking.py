@@ -1,0 +1,248 @@
+"""The MLflow side of a training run: one MLflow run per training run, continued across restarts.
+
+Two halves, so that exactly one process writes at a time:
+
+- the driver, before Ray starts workers: :func:`open_run` creates the run (flattened config as params,
+  model size, tags: git commit, versions) or reopens the one a checkpoint names; :func:`close_run`
+  marks it when the whole run failed;
+- rank 0 of the workers, while training: :class:`RunLogger` logs metrics, artifacts, figures and the
+  final model into that run, with system metrics sampled alongside.
+
+The tracking URI is always explicit (an absolute ``sqlite:///`` path or a server URL): Ray workers run in
+another working directory, where MLflow's relative default would open a different store.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+__all__ = ["RunLogger", "close_run", "open_run", "run_status", "run_tags"]
+
+TAG_STATUS = "vitpipe.status"  # running | finished | non_finite_loss | failed
+TAG_RUN_DIR = "vitpipe.run_dir"
+TAG_FINAL_MODEL = "vitpipe.final_model"  # the serialization format, once the final model is logged
+_BATCH = 100  # MLflow's limit of params or tags per log_batch
+
+
+def _git(*args: str) -> str | None:
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def run_tags() -> dict[str, str]:
+    """Code and environment of this process: git commit (and whether the tree was dirty), versions."""
+    import ray
+    import timm
+    import torch
+
+    import pipeline
+
+    tags = {
+        "vitpipe.version": pipeline.__version__,
+        "versions.python": platform.python_version(),
+        "versions.torch": torch.__version__,
+        "versions.timm": timm.__version__,
+        "versions.ray": ray.__version__,
+        "versions.mlflow": mlflow.__version__,
+    }
+    commit = _git("rev-parse", "HEAD")
+    if commit:  # absent when the code came without .git (e.g. a `ray job submit` working dir)
+        tags["mlflow.source.git.commit"] = commit
+        tags["vitpipe.git_dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no")))
+    return tags
+
+
+def _experiment_id(client: MlflowClient, tracking_uri: str, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///"):  # artifacts next to the database, not in a cwd-relative ./mlruns
+        location = Path(tracking_uri.removeprefix("sqlite:///")).parent.joinpath("mlruns").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # created meanwhile by another driver
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def _chunks(items: list, size: int = _BATCH) -> Iterable[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _param_value(value: Any) -> str:
+    return ("null" if value is None else str(value))[:6000]
+
+
+def open_run(
+    tracking_uri: str,
+    experiment: str,
+    run_name: str,
+    *,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str],
+    artifacts: Mapping[str, str] = {},
+    resume_run_id: str | None = None,
+) -> tuple[str, bool]:
+    """The MLflow run for a training run: ``(run_id, resumed)``.
+
+    With ``resume_run_id`` (from the checkpoint being resumed) and that run in the store, the run is
+    continued: nothing is re-logged, so params stay those of the first start. Otherwise a new run is
+    created with ``params`` (values stringified), ``tags`` and text ``artifacts`` (file name -> text).
+    """
+    client = MlflowClient(tracking_uri)
+    if resume_run_id is not None:
+        try:
+            run = client.get_run(resume_run_id)
+        except MlflowException:
+            print(f"[vitpipe] MLflow run {resume_run_id} of the checkpoint is not in {tracking_uri}: starting a new one")
+        else:
+            client.set_tag(run.info.run_id, TAG_STATUS, "running")
+            return run.info.run_id, True
+    experiment_id = _experiment_id(client, tracking_uri, experiment)
+    run = client.create_run(experiment_id, run_name=run_name, tags={**tags, TAG_STATUS: "running"})
+    run_id = run.info.run_id
+    for chunk in _chunks([Param(k, _param_value(v)) for k, v in params.items()]):
+        client.log_batch(run_id, params=chunk)
+    for name, text in artifacts.items():
+        client.log_text(run_id, text, name)
+    return run_id, False
+
+
+def run_status(tracking_uri: str, run_id: str) -> dict[str, str] | None:
+    """``{"status": <MLflow status>, **vitpipe tags}`` of a run, or None if the store lacks it."""
+    try:
+        run = MlflowClient(tracking_uri).get_run(run_id)
+    except MlflowException:
+        return None
+    return {"status": run.info.status, **{k: v for k, v in run.data.tags.items() if k.startswith("vitpipe.")}}
+
+
+def close_run(tracking_uri: str, run_id: str, status: str, reason: str) -> None:
+    """Mark a run that ended without rank 0 closing it (worker failures beyond max_failures, ...)."""
+    client = MlflowClient(tracking_uri)
+    client.log_batch(run_id, tags=[RunTag(TAG_STATUS, reason[:5000])])
+    client.set_terminated(run_id, status)
+
+
+class RunLogger:
+    """Rank 0's handle on the run the driver opened. Use as a context manager around training.
+
+    On an exception the run is marked FAILED; a restarted worker group reopens it (status RUNNING).
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, *, system_metrics: bool = True, system_metrics_interval_s: float = 10.0):
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self.system_metrics = system_metrics
+        self.system_metrics_interval_s = system_metrics_interval_s
+        self.client = MlflowClient(tracking_uri)
+
+    def __enter__(self) -> RunLogger:
+        mlflow.set_tracking_uri(self.tracking_uri)
+        if self.system_metrics:
+            mlflow.set_system_metrics_sampling_interval(self.system_metrics_interval_s)
+        mlflow.start_run(run_id=self.run_id, log_system_metrics=self.system_metrics)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if mlflow.active_run() is not None:
+            if exc_type is not None:
+                self.tags({TAG_STATUS: f"failed: {exc_type.__name__}: {exc}"[:5000]})
+            mlflow.end_run("FAILED" if exc_type is not None else "FINISHED")
+
+    def finish(self, status: str, reason: str) -> None:
+        """End the run now: ``status`` is MLflow's (FINISHED, FAILED), ``reason`` goes to the status tag."""
+        self.tags({TAG_STATUS: reason})
+        mlflow.end_run(status)
+
+    def metrics(self, values: Mapping[str, float], step: int) -> None:
+        mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step)
+
+    def tags(self, values: Mapping[str, str]) -> None:
+        mlflow.set_tags(dict(values))
+
+    def artifact(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        mlflow.log_artifact(os.fspath(local_path), artifact_path)
+
+    def text(self, text: str, artifact_file: str) -> None:
+        mlflow.log_text(text, artifact_file)
+
+    def figure(self, figure, artifact_file: str) -> None:
+        import matplotlib.pyplot as plt
+
+        mlflow.log_figure(figure, artifact_file)
+        plt.close(figure)
+
+    def history(self, key: str) -> list[tuple[int, float]]:
+        """``(step, value)`` of a metric, one per step (the last value logged at a step wins)."""
+        by_step = {}
+        for m in sorted(self.client.get_metric_history(self.run_id, key), key=lambda m: m.timestamp):
+            by_step[m.step] = m.value
+        return sorted(by_step.items())
+
+    def curves(self, panels: Mapping[str, list[str]], artifact_file: str) -> bool:
+        """One subplot per panel title, one line per metric key, x = step; False if nothing to plot."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        series = {title: {k: self.history(k) for k in keys} for title, keys in panels.items()}
+        series = {t: {k: h for k, h in s.items() if h} for t, s in series.items()}
+        series = {t: s for t, s in series.items() if s}
+        if not series:
+            return False
+        figure, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.5), squeeze=False)
+        for ax, (title, lines) in zip(axes[0], series.items()):
+            for key, points in lines.items():
+                steps, values = zip(*points)
+                ax.plot(steps, values, marker="o" if len(steps) < 30 else None, label=key)
+            ax.set_title(title)
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        figure.tight_layout()
+        self.figure(figure, artifact_file)
+        return True
+
+    def model(self, model, input_example, *, name: str = "model", serialization: str = "auto") -> str:
+        """``mlflow.pytorch.log_model`` with an input example; returns the serialization format used.
+
+        ``auto`` tries ``pt2`` (torch.export, safe to load) and falls back to ``pickle`` for a model
+        that cannot be exported; the format is recorded in the run's tags either way.
+        """
+        import mlflow.pytorch
+        import timm
+        import torch
+
+        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"]
+        formats = ["pt2", "pickle"] if serialization == "auto" else [serialization]
+        for index, fmt in enumerate(formats):
+            try:
+                mlflow.pytorch.log_model(
+                    model, name=name, input_example=input_example, serialization_format=fmt,
+                    pip_requirements=requirements,
+                )
+            except Exception as err:  # noqa: BLE001 - torch.export rejects some models; try the next format
+                if index == len(formats) - 1:
+                    raise
+                print(f"[vitpipe] log_model as {fmt} failed ({type(err).__name__}: {str(err)[:300]}); trying {formats[index + 1]}")
+                continue
+            self.tags({TAG_FINAL_MODEL: fmt})
+            return fmt
+        raise AssertionError("unreachable")

@@ -1,0 +1,566 @@
+"""The per-worker training loop that Ray Train runs on every rank (``train_loop_per_worker``).
+
+One epoch: every rank reads its equal share of the train shards, steps DDP (gloo on CPU, nccl on GPU),
+then validates its share of the val split; sums are all-reduced so every rank holds the exact metrics.
+Rank 0 saves the checkpoint, every rank calls ``ray.train.report`` (a barrier), and rank 0 logs to MLflow.
+After the last epoch rank 0 alone finishes the run: best checkpoint and curves as artifacts, DVT's
+budget report, and the final model in inference form.
+
+The loop also runs without Ray workers: with ``ScalingConfig(num_workers=0)`` in this process, and under
+``torchrun`` (Ray's local mode joins torchrun's process group), which the benchmark compares against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from pipeline.train.build import build_model, classification_loss, has_castling, to_inference_form
+from pipeline.train.checkpoint import checkpoint_dir_name, load_checkpoint, save_checkpoint, write_marker
+from pipeline.train.config import TrainConfig
+
+__all__ = ["train_loop_per_worker", "NonFiniteLoss"]
+
+IGNORE_LABEL = -1  # the reader's label for eval padding and skipped corrupt samples
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite: the run stops (it is not retried)."""
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the test-only fault injection (``fault_injection`` in the config)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Small distributed helpers.
+
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+    def sum(self, values: Tensor) -> Tensor:
+        """Element-wise sum over ranks (float64 on the wire: counts and sums stay exact)."""
+        values = values.to(self.device, torch.float64)
+        if self.active:
+            dist.all_reduce(values)
+        return values.cpu()
+
+
+def _progress(message: str) -> None:
+    # Ray forwards the workers' stdout to the driver: this is the driver's progress display. Ray Train
+    # patches print() into a logger that echoes once more when a library has wrapped sys.stdout (MLflow
+    # does); writing to the process's own stdout prints each line once, with or without Ray.
+    print(f"[vitpipe] {message}", file=sys.__stdout__, flush=True)
+
+
+def _format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# --------------------------------------------------------------------------------------------------
+# The run state.
+
+
+@dataclass
+class State:
+    model: nn.Module  # unwrapped
+    ddp: nn.Module  # DDP-wrapped when distributed, else the model itself
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    ema: Any | None
+    epochs_done: int = 0
+    global_step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self, config: TrainConfig, metrics: dict[str, float], run_id: str | None) -> dict[str, Any]:
+        return {
+            "epochs_done": self.epochs_done,
+            "global_step": self.global_step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": None if self.ema is None else self.ema.module.state_dict(),
+            "config": config.to_dict(),
+            "metrics": metrics,
+            "mlflow_run_id": run_id,
+            "run_name": config.run_name,
+        }
+
+    def load(self, saved: dict[str, Any]) -> None:
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.scaler.load_state_dict(saved["scaler"])
+        if self.ema is not None:
+            if saved["ema"] is None:
+                raise ValueError("optim.ema is on but the checkpoint being resumed has no EMA weights")
+            self.ema.module.load_state_dict(saved["ema"])
+        self.epochs_done = saved["epochs_done"]
+        self.global_step = saved["global_step"]
+        self.scheduler.step_update(self.global_step)
+
+
+def _autocast(config: TrainConfig, device: torch.device):
+    precision = config.uses_gpu_precision
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data.
+
+
+def _loader(config: TrainConfig, d: Dist, split: str, *, train: bool, world: bool = True):
+    from pipeline.data.reader import build_loader
+    from pipeline.data.transforms import build_transform
+
+    data = config.data
+    augment = dict(auto_augment=data.auto_augment, scale=tuple(data.crop_scale), hflip=data.hflip,
+                   color_jitter=data.color_jitter, re_prob=data.random_erasing)  # fmt: skip
+    transform = build_transform(data.img_size, train=train, in_chans=data.in_chans, **(augment if train else {}))
+    return build_loader(
+        getattr(config.data, split),
+        batch_size=config.data.batch_size,
+        rank=d.rank if world else 0,
+        world_size=d.world_size if world else 1,
+        seed=config.optim.seed,
+        train=train,
+        transform=transform,
+        num_workers=config.data.loader_workers,
+        shuffle_buffer=config.data.shuffle_buffer,
+        skip_corrupt=config.data.skip_corrupt,
+        pin_memory=d.device.type == "cuda",
+    )
+
+
+def _real_rows(batches) -> Iterator[tuple[Tensor, Tensor]]:
+    """Drop the reader's padding / skipped rows (label -1)."""
+    for images, labels in batches:
+        keep = labels != IGNORE_LABEL
+        if keep.any():
+            yield images[keep], labels[keep]
+
+
+# --------------------------------------------------------------------------------------------------
+# Train and evaluate.
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, d: Dist, config: TrainConfig) -> dict[str, float]:
+    """Loss, top-1 and top-5 (%) of the last exit, and per-exit top-1 for cascades, over all ranks."""
+    model.eval()
+    sums = None  # [loss, samples, top1, top5, exit top-1 ...]
+    k = min(5, config.data.num_classes)
+    for images, labels in loader:
+        images, labels = images.to(d.device, non_blocking=True), labels.to(d.device, non_blocking=True)
+        with _autocast(config, d.device):
+            outputs = model(images)
+        exits = [o.float() for o in (outputs if isinstance(outputs, (list, tuple)) else [outputs])]
+        valid = labels != IGNORE_LABEL
+        logits, target = exits[-1][valid], labels[valid]
+        if sums is None:
+            sums = torch.zeros(4 + (len(exits) if len(exits) > 1 else 0), dtype=torch.float64, device=d.device)
+        top = logits.topk(k, dim=-1).indices
+        sums[0] += nn.functional.cross_entropy(logits, target, reduction="sum")
+        sums[1] += target.numel()
+        sums[2] += (top[:, 0] == target).sum()
+        sums[3] += (top == target[:, None]).any(dim=-1).sum()
+        if len(exits) > 1:
+            for i, out in enumerate(exits):
+                sums[4 + i] += (out[valid].argmax(dim=-1) == target).sum()
+    if sums is None:
+        raise RuntimeError("the validation loader yielded no batches")
+    sums = d.sum(sums)
+    n = max(sums[1].item(), 1.0)
+    metrics = {"loss": sums[0].item() / n, "top1": 100 * sums[2].item() / n, "top5": 100 * sums[3].item() / n}
+    for i in range(4, len(sums)):
+        metrics[f"exit{i - 3}_top1"] = 100 * sums[i].item() / n
+    return metrics
+
+
+@dataclass
+class EpochResult:
+    loss: float
+    images: int
+    seconds: float
+    step_times: list[float]  # seconds per optimizer step, averaged over each logging window
+    skipped: float
+    non_finite: bool = False
+
+
+def _mixup(config: TrainConfig):
+    if config.data.mixup <= 0 and config.data.cutmix <= 0:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(
+        mixup_alpha=config.data.mixup, cutmix_alpha=config.data.cutmix, prob=config.data.mixup_prob,
+        switch_prob=config.data.mixup_switch_prob, label_smoothing=config.optim.label_smoothing,
+        num_classes=config.data.num_classes,
+    )  # fmt: skip
+
+
+def train_one_epoch(
+    state: State, loader, d: Dist, config: TrainConfig, epoch: int, *, castling: bool, logger=None,
+    fault_marker: str | None = None,
+) -> EpochResult:
+    """One pass over this rank's train share; gradient accumulation, clipping, EMA, Castling's regulariser.
+
+    Every ``log_every`` optimizer steps (and at the end) all ranks sum their losses: the progress line
+    shows the mean, and a NaN/inf anywhere stops every rank at the same step (no rank is left waiting in
+    an allreduce).
+    """
+    from timm.utils import dispatch_clip_grad
+
+    opt = config.optim
+    state.ddp.train()
+    mixup = _mixup(config)
+    regularise = castling and config.method.castling.mask_reg_strength > 0
+    if regularise:
+        from pipeline.models.layers.castling import mask_reg_weight, mask_regularization
+    steps = len(loader)
+    updates = math.ceil(steps / opt.accum_steps)
+    total_updates = updates * opt.epochs
+    window_loss = torch.zeros(2, dtype=torch.float64, device=d.device)  # [sum of losses, micro-steps]
+    epoch_loss = torch.zeros(2, dtype=torch.float64)
+    step_times: list[float] = []
+    images_seen = 0
+    start = window_start = time.perf_counter()
+    window_updates = 0
+    fault = config.fault_injection
+
+    state.optimizer.zero_grad(set_to_none=True)
+    for i, (images, labels) in enumerate(loader):
+        group_start = i - i % opt.accum_steps
+        group_size = min(opt.accum_steps, steps - group_start)
+        last_of_group = i == group_start + group_size - 1
+        if fault is not None and fault.rank == d.rank and fault.step == state.global_step and i == group_start:
+            if fault_marker is None or write_marker(fault_marker):
+                raise InjectedFault(f"injected fault: rank {d.rank} at global step {state.global_step}")
+
+        images, labels = images.to(d.device, non_blocking=True), labels.to(d.device, non_blocking=True)
+        valid = labels != IGNORE_LABEL  # skipped corrupt samples: keep the batch shape, drop their loss
+        target = labels.clamp(min=0)
+        if mixup is not None:
+            images, target = mixup(images, target)
+        sync = last_of_group or not hasattr(state.ddp, "no_sync")
+        with contextlib.nullcontext() if sync else state.ddp.no_sync():
+            with _autocast(config, d.device):
+                outputs = state.ddp(images)
+                if valid.all():
+                    loss = classification_loss(outputs, target, label_smoothing=opt.label_smoothing,
+                                               exit_weights=config.method.dvt.exit_weights)  # fmt: skip
+                else:
+                    kept = [o[valid] for o in outputs] if isinstance(outputs, (list, tuple)) else outputs[valid]
+                    loss = classification_loss(kept, target[valid], label_smoothing=opt.label_smoothing,
+                                               exit_weights=config.method.dvt.exit_weights)  # fmt: skip
+                    if not valid.any():  # keep the graph (DDP needs every parameter's grad), add nothing
+                        loss = sum(o.sum() for o in (outputs if isinstance(outputs, (list, tuple)) else [outputs])) * 0
+                if regularise:
+                    weight = mask_reg_weight(config.method.castling.mask_reg_strength,
+                                             config.method.castling.mask_reg_schedule,
+                                             (state.global_step + 1) / total_updates)  # fmt: skip
+                    loss = loss + weight * mask_regularization(state.model)
+            state.scaler.scale(loss / group_size).backward()
+        window_loss[0] += loss.detach().float()
+        window_loss[1] += 1
+        images_seen += images.shape[0]
+
+        if not last_of_group:
+            continue
+        if opt.clip_grad is not None:
+            state.scaler.unscale_(state.optimizer)
+            dispatch_clip_grad(state.model.parameters(), opt.clip_grad, mode=opt.clip_mode)
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        state.optimizer.zero_grad(set_to_none=True)
+        state.global_step += 1
+        window_updates += 1
+        state.scheduler.step_update(state.global_step)
+        if state.ema is not None:
+            state.ema.update(state.model, step=state.global_step)
+
+        if state.global_step % config.log_every == 0 or i == steps - 1:
+            summed = d.sum(window_loss)  # the only per-window collective
+            now = time.perf_counter()
+            mean_loss = summed[0].item() / max(summed[1].item(), 1)
+            if not math.isfinite(mean_loss):
+                return EpochResult(mean_loss, images_seen * d.world_size, now - start, step_times, 0.0, non_finite=True)
+            step_times.append((now - window_start) / window_updates)
+            epoch_loss += summed
+            window_loss.zero_()
+            window_start, window_updates = now, 0
+            if d.rank == 0:
+                left = total_updates - state.global_step
+                rate = images_seen * d.world_size / (now - start)
+                lr = state.optimizer.param_groups[0]["lr"]
+                _progress(
+                    f"epoch {epoch + 1}/{opt.epochs} step {i // opt.accum_steps + 1}/{updates} "
+                    f"loss {mean_loss:.4f} lr {lr:.2e} {rate:.0f} img/s eta {_format_eta(left * float(np.mean(step_times)))}"
+                )
+                if logger is not None:
+                    logger.metrics({"train/loss_step": mean_loss, "train/lr_step": lr}, step=state.global_step)
+    seconds = time.perf_counter() - start
+    skipped = d.sum(torch.tensor([float(loader.skipped)]))[0].item()
+    loss = epoch_loss[0].item() / max(epoch_loss[1].item(), 1)
+    return EpochResult(loss, images_seen * d.world_size, seconds, step_times, skipped)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop Ray Train runs.
+
+
+def _setup(config: TrainConfig, d: Dist) -> State:
+    from timm.optim import create_optimizer_v2
+    from timm.utils import ModelEmaV3
+
+    torch.manual_seed(config.optim.seed)  # identical initial weights on every rank
+    model = build_model(config).to(d.device)
+    ddp = model
+    if d.active:
+        ddp = nn.parallel.DistributedDataParallel(
+            model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+            find_unused_parameters=config.scaling.find_unused_parameters,
+        )  # fmt: skip
+    opt = config.optim
+    optimizer = create_optimizer_v2(model, opt=opt.optimizer, lr=opt.lr, weight_decay=opt.weight_decay,
+                                    momentum=opt.momentum, **opt.opt_kwargs)  # fmt: skip
+    return State(model=model, ddp=ddp, optimizer=optimizer, scheduler=None,
+                 scaler=torch.amp.GradScaler(d.device.type, enabled=config.uses_gpu_precision == "fp16"),
+                 ema=ModelEmaV3(model, decay=opt.ema_decay) if opt.ema else None)  # fmt: skip
+
+
+def _scheduler(config: TrainConfig, optimizer, updates_per_epoch: int):
+    from timm.scheduler import create_scheduler_v2
+
+    opt = config.optim
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=opt.scheduler, num_epochs=opt.epochs, warmup_epochs=opt.warmup_epochs,
+        warmup_lr=opt.warmup_lr, min_lr=opt.min_lr, step_on_epochs=False, updates_per_epoch=updates_per_epoch,
+    )  # fmt: skip
+    return scheduler
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train's entry point. ``loop_config``: ``{"config": TrainConfig.to_dict(), "mlflow_run_id": str | None}``.
+
+    Returns (rank 0's value reaches the driver as ``Result.return_value``) ``{"status": "finished" |
+    "non_finite_loss", ...}``.
+    """
+    import ray.train
+    import ray.train.torch
+
+    config = TrainConfig.from_dict(loop_config["config"])
+    run_id = loop_config.get("mlflow_run_id")
+    context = ray.train.get_context()
+    device = ray.train.torch.get_device() if config.scaling.use_gpu else torch.device("cpu")
+    d = Dist(context.get_world_rank(), context.get_world_size(), device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:  # as many threads as CPUs reserved: oversubscribed OpenMP threads spin and stall everyone
+        torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
+
+    state = _setup(config, d)
+    train_loader = _loader(config, d, "train", train=True)
+    val_loader = _loader(config, d, "val", train=False)
+    updates_per_epoch = math.ceil(len(train_loader) / config.optim.accum_steps)
+    state.scheduler = _scheduler(config, state.optimizer, updates_per_epoch)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state.load(load_checkpoint(directory, map_location=device))
+    torch.manual_seed(config.optim.seed + 7919 * d.rank + state.epochs_done)  # dropout / mixup differ by rank
+    np.random.seed((config.optim.seed + 7919 * d.rank + state.epochs_done) % 2**32)
+    castling = has_castling(state.model)
+
+    logger = None
+    if d.rank == 0 and run_id is not None:
+        from pipeline.tracking import RunLogger
+
+        logger = RunLogger(config.mlflow.tracking_uri, run_id, system_metrics=config.mlflow.system_metrics,
+                           system_metrics_interval_s=config.mlflow.system_metrics_interval_s)  # fmt: skip
+    with logger if logger is not None else contextlib.nullcontext():
+        if logger is not None and checkpoint is not None:
+            logger.tags({"vitpipe.resumed_from_epoch": str(state.epochs_done)})
+        if d.rank == 0:
+            where = f"resuming after epoch {state.epochs_done}" if checkpoint is not None else "starting"
+            _progress(f"{where}: {config.model.name}, {d.world_size} worker(s) on {device.type}, "
+                      f"{len(train_loader)} steps/epoch of {config.data.batch_size} per worker")  # fmt: skip
+        result = _train_epochs(state, config, d, train_loader, val_loader, logger, castling)
+        if result["status"] != "finished":
+            if logger is not None:
+                logger.finish("FAILED", result["status"])
+            return result
+        if d.rank == 0:
+            result.update(_finish(state, config, d, logger, castling))
+        if logger is not None:
+            logger.finish("FINISHED", "finished")
+    return result
+
+
+def _train_epochs(state: State, config: TrainConfig, d: Dist, train_loader, val_loader, logger, castling) -> dict:
+    import ray.train
+
+    fault_marker = f"{config.run_dir}/.fault_injected" if config.fault_injection is not None else None
+    for epoch in range(state.epochs_done, config.optim.epochs):
+        train_loader.set_epoch(epoch)
+        epoch_result = train_one_epoch(state, train_loader, d, config, epoch, castling=castling, logger=logger,
+                                       fault_marker=fault_marker)  # fmt: skip
+        if epoch_result.non_finite:
+            message = (f"non_finite_loss: the training loss became {epoch_result.loss} in epoch {epoch + 1} "
+                       f"by step {state.global_step}")  # fmt: skip
+            if d.rank == 0:
+                _progress(f"stopping: {message}")
+            return {"status": "non_finite_loss", "message": message, "epoch": epoch + 1, "step": state.global_step}
+        metrics = {
+            "train/loss": epoch_result.loss,
+            "train/lr": state.optimizer.param_groups[0]["lr"],
+            "train/images_per_s": epoch_result.images / epoch_result.seconds,
+            "train/epoch_time_s": epoch_result.seconds,
+            "train/step_time_s": float(np.median(epoch_result.step_times)) if epoch_result.step_times else math.nan,
+        }
+        if config.data.skip_corrupt:
+            metrics["data/skipped_corrupt"] = epoch_result.skipped
+        val_start = time.perf_counter()
+        metrics.update({f"val/{k}": v for k, v in evaluate(state.model, val_loader, d, config).items()})
+        if state.ema is not None:
+            metrics.update({f"val_ema/{k}": v for k, v in evaluate(state.ema.module, val_loader, d, config).items()})
+        metrics["val/time_s"] = time.perf_counter() - val_start
+        if castling:
+            from pipeline.models.layers.castling import mask_densities, mask_reg_weight
+
+            densities = mask_densities(state.model)
+            metrics.update({f"castling/mask_density/{name}": v for name, v in densities.items()})
+            if densities:
+                metrics["castling/mask_density_mean"] = float(np.mean(list(densities.values())))
+            metrics["castling/mask_reg_weight"] = mask_reg_weight(
+                config.method.castling.mask_reg_strength, config.method.castling.mask_reg_schedule,
+                (epoch + 1) / config.optim.epochs,
+            )  # fmt: skip
+        state.epochs_done = epoch + 1
+        _report(state, config, d, metrics, logger)
+        if d.rank == 0:
+            _progress(f"epoch {epoch + 1}/{config.optim.epochs} done in {epoch_result.seconds:.1f}s: train loss "
+                      f"{metrics['train/loss']:.4f}, val loss {metrics['val/loss']:.4f}, "
+                      f"top-1 {metrics['val/top1']:.2f}%, top-5 {metrics['val/top5']:.2f}%")  # fmt: skip
+    return {"status": "finished", "epochs_done": state.epochs_done, "global_step": state.global_step}
+
+
+def _report(state: State, config: TrainConfig, d: Dist, metrics: dict[str, float], logger) -> None:
+    """Checkpoint from rank 0, ``ray.train.report`` on every rank (a barrier), MLflow from rank 0."""
+    import ray.train
+
+    reported = {"epoch": state.epochs_done, **metrics}
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = None
+        if d.rank == 0:
+            save_checkpoint(directory, state.to_dict(config, reported, logger.run_id if logger else None))
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(reported, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(state.epochs_done))
+    if logger is not None:
+        logger.metrics(metrics, step=state.epochs_done)
+
+
+# --------------------------------------------------------------------------------------------------
+# The end of a run, on rank 0 alone (no collectives: the other ranks have returned).
+
+
+def _best_checkpoint(config: TrainConfig):
+    """The best reported checkpoint by ``checkpoint.metric`` (None in local mode, where none is kept)."""
+    import ray.train
+
+    reported = [r for r in ray.train.get_all_reported_checkpoints() if config.checkpoint.metric in r.metrics]
+    if not reported:
+        return None
+    sign = 1 if config.checkpoint.mode == "max" else -1
+
+    def score(r) -> float:
+        value = r.metrics[config.checkpoint.metric]
+        return sign * value if math.isfinite(value) else -math.inf
+
+    best = max(reported, key=lambda r: (score(r), r.metrics.get("epoch", 0)))
+    return best.checkpoint, best.metrics
+
+
+def _finish(state: State, config: TrainConfig, d: Dist, logger, castling: bool) -> dict[str, Any]:
+    use_ema = config.checkpoint.metric.startswith("val_ema/")
+    best = _best_checkpoint(config)
+    result: dict[str, Any] = {"mlflow_run_id": logger.run_id if logger else None}
+    final = build_model(config)
+    with tempfile.TemporaryDirectory() as scratch:
+        if best is not None:
+            checkpoint, metrics = best
+            with checkpoint.as_directory() as directory:
+                saved = load_checkpoint(directory)
+                final.load_state_dict(saved["ema"] if use_ema else saved["model"])
+                if logger is not None:
+                    logger.artifact(Path(directory, "state.pt"), "checkpoints/best")
+                    logger.artifact(Path(directory, "meta.json"), "checkpoints/best")
+            result.update(best_checkpoint=checkpoint.path, best_metric=metrics[config.checkpoint.metric],
+                          best_epoch=metrics.get("epoch"))  # fmt: skip
+        else:  # local mode keeps no checkpoints: the final weights are the result
+            final.load_state_dict((state.ema.module if use_ema else state.model).state_dict())
+        if logger is None:
+            return result
+
+        logger.curves(
+            {"loss": ["train/loss", "val/loss"] + (["val_ema/loss"] if state.ema else []),
+             "top-1 (%)": ["val/top1"] + (["val_ema/top1"] if state.ema else []),
+             "learning rate": ["train/lr"]},
+            "curves.png",
+        )  # fmt: skip
+        if castling:
+            from pipeline.models.layers.castling import castling_modules
+
+            names = [f"castling/mask_density/{name}" for name, _ in castling_modules(final)]
+            logger.curves({"Castling mask density (share of P > eps)": names}, "castling_mask_density.png")
+
+        # Two images: with one, torch.export would fix the batch dimension of the exported model to 1.
+        example_images = next(_real_rows(_loader(config, Dist(0, 1, torch.device("cpu")), "val", train=False,
+                                                  world=False)))[0][:2]  # fmt: skip
+        if hasattr(final, "exit_macs"):  # a DVT cascade: calibrate exit thresholds on val, sweep the budget
+            from pipeline.eval.dvt_budget import calibrate_and_sweep
+
+            final.to(d.device)
+            val = _real_rows(_loader(config, Dist(0, 1, d.device), "val", train=False, world=False))
+            test = None
+            if config.data.test is not None:
+                test = _real_rows(_loader(config, Dist(0, 1, d.device), "test", train=False, world=False))
+            report = calibrate_and_sweep(final, val, test, device=d.device)
+            report.to_json(Path(scratch, "dvt_budget.json"))
+            report.plot(Path(scratch, "dvt_budget.png"))
+            logger.artifact(Path(scratch, "dvt_budget.json"), "dvt")
+            logger.artifact(Path(scratch, "dvt_budget.png"), "dvt")
+            final.cpu()
+        to_inference_form(final).eval()
+        if config.mlflow.log_model:
+            result["model_format"] = logger.model(final, example_images.numpy(), serialization=config.mlflow.model_format)
+    return result
