@@ -98,6 +98,48 @@ def _add_tune_commands(sub: argparse._SubParsersAction) -> None:
 
 def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
     """`vitpipe cluster`: checks on cluster.yaml before any node is paid for."""
+    cluster = sub.add_parser("cluster", help="check cluster.yaml; run the head node's MLflow server")
+    actions = cluster.add_subparsers(dest="cluster_command", required=True, metavar="ACTION")
+
+    check = actions.add_parser("check", help="validate a Ray cluster config offline: Ray's schema + project rules")
+    check.add_argument("config", nargs="?", default="cluster.yaml", help="default: ./cluster.yaml")
+    check.set_defaults(func=_cluster_check)
+
+    server = actions.add_parser("mlflow-server", help="(re)start the MLflow tracking server on the head node, "
+                                "bound to 127.0.0.1 and the node's private address")  # fmt: skip
+    server.add_argument("--db", required=True, help="sqlite file of the run database, e.g. ~/mlflow/mlflow.db")
+    server.add_argument("--artifacts", required=True, help="artifact store, e.g. s3://BUCKET/mlflow")
+    server.add_argument("--port", type=int, default=5000)
+    server.add_argument("--workers", type=int, default=4, help="server processes")
+    server.add_argument("--private-address", help="default: the address Ray uses for this node")
+    server.add_argument("--state-dir", default="~/mlflow", help="where server.pid and server.log go")
+    server.set_defaults(func=_cluster_mlflow_server)
+
+
+def _cluster_check(args: argparse.Namespace) -> int:
+    from pipeline.cluster import check_cluster_config
+
+    problems = check_cluster_config(args.config)
+    for problem in problems:
+        print(f"{args.config}: {problem}")
+    if problems:
+        print(f"{len(problems)} problem(s); fix them before `ray up`.", file=sys.stderr)
+        return 1
+    print(f"{args.config}: OK (Ray's cluster schema and the project's rules)")
+    return 0
+
+
+def _cluster_mlflow_server(args: argparse.Namespace) -> int:
+    from pipeline.cluster import start_mlflow_server
+
+    try:
+        pgid = start_mlflow_server(args.db, args.artifacts, port=args.port, private_address=args.private_address,
+                                   state_dir=args.state_dir, workers=args.workers)  # fmt: skip
+    except (ValueError, RuntimeError, TimeoutError) as exc:
+        print(f"vitpipe cluster mlflow-server: {exc}", file=sys.stderr)
+        return 1
+    print(f"mlflow server running (process group {pgid}) on 127.0.0.1:{args.port}; log in {args.state_dir}/server.log")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
