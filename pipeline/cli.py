@@ -18,7 +18,7 @@ def _add_shards_commands(sub: argparse._SubParsersAction) -> None:
     build.add_argument("source", help="the input dataset (a folder, or a file for parquet / CIFAR .tar.gz)")
     build.add_argument("out_dir", help="where OUT_DIR/{train,val,test}/ go")
     build.add_argument("--format", required=True, choices=["imagefolder", "idx", "parquet", "cifar"])
-    build.add_argument("--samples-per-shard", type=int, default=10_000)
+    build.add_argument("--samples-per-shard", type=int, default=2_000)  # shards.DEFAULT_SAMPLES_PER_SHARD
     build.add_argument("--val-fraction", type=float, default=0.1,
                        help="share of train carved into val when the source has no val split (0: none)")
     build.add_argument("--seed", type=int, default=0, help="seeds the val carve-out and the sample order")

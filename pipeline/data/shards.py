@@ -31,6 +31,9 @@ from .manifest import (
 from .samples import CorruptSampleError, ShardError, decode_sample, iter_shard, sample_key, sample_members
 from .sources import Source, SourceError, open_source
 
+# [ours] Small enough that a reader worker whose range starts mid-shard skips little, and that the per-epoch
+# shard permutation has many shards to mix; at ImageNet-sized JPEGs still ~200 MB, a good object-store read.
+DEFAULT_SAMPLES_PER_SHARD = 2_000
 # Fixed member mtime: the same source and seed give byte-identical shards (and checksums).
 _TAR_MTIME = 0
 
@@ -40,7 +43,7 @@ def build_shards(
     out_dir: str | os.PathLike,
     *,
     format: str,
-    samples_per_shard: int = 10_000,
+    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
     val_fraction: float = 0.1,
     seed: int = 0,
     image_column: str = "image",
@@ -61,7 +64,7 @@ def write_dataset(
     source: Source,
     out_dir: str | os.PathLike,
     *,
-    samples_per_shard: int | Sequence[int] = 10_000,
+    samples_per_shard: int | Sequence[int] = DEFAULT_SAMPLES_PER_SHARD,
     val_fraction: float = 0.1,
     seed: int = 0,
     overwrite: bool = False,
@@ -160,10 +163,13 @@ class _SplitWriter:
             self._file = _HashingFile(self.split_dir / self._name)
             self._tar = TarWriter(self._file, encoder=False, mtime=_TAR_MTIME)
             self._room, self._count = next(self.shard_sizes), 0
-        with Image.open(io.BytesIO(example.data)) as img:  # header only: mode and size for the statistics
-            self.modes[img.mode] += 1
-            self.width.add(img.width)
-            self.height.add(img.height)
+        mode, size = example.mode, example.size
+        if mode is None or size is None:
+            with Image.open(io.BytesIO(example.data)) as img:  # header only: mode and size for the statistics
+                mode, size = img.mode, img.size
+        self.modes[mode] += 1
+        self.width.add(size[0])
+        self.height.add(size[1])
         self.formats[example.ext] += 1
         self.class_counts[example.label] += 1
         self._tar.write(sample_members(key, example.ext, example.data, example.label))

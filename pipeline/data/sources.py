@@ -52,6 +52,8 @@ class Example:
     data: bytes  # the encoded image
     ext: str  # png, jpg, ...
     label: int
+    mode: str | None = None  # PIL mode and (width, height) when the source knows them (raw arrays);
+    size: tuple[int, int] | None = None  # otherwise the builder reads them from the image header
 
 
 def encoded_extension(data: bytes, origin: str) -> str:
@@ -111,8 +113,9 @@ class ArraySource(Source):
 
     def examples(self, split: str, rng: np.random.Generator) -> Iterator[Example]:
         images, labels = self.splits[split]
+        mode, size = ("L" if images.ndim == 3 else "RGB"), (images.shape[2], images.shape[1])
         for i in rng.permutation(len(labels)):
-            yield Example(int(i), encode_png(images[i]), "png", int(labels[i]))
+            yield Example(int(i), encode_png(images[i]), "png", int(labels[i]), mode, size)
 
 
 class ImageFolderSource(Source):
@@ -464,16 +467,14 @@ def open_source(
     class_names: Sequence[str] | None = None,
 ) -> Source:
     """The source reader for ``format`` (one of FORMATS) at ``path``."""
-    if format == "imagefolder":
-        source = ImageFolderSource(path)
-    elif format == "idx":
-        return idx_source(path, class_names)
-    elif format == "parquet":
-        return ParquetSource(path, image_column=image_column, label_column=label_column, class_names=class_names)
-    elif format == "cifar":
-        source = cifar_source(path)
-    else:
+    if format not in FORMATS:
         raise SourceError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
-    if class_names is not None:
+    if class_names is not None and format not in ("idx", "parquet"):
         raise SourceError(f"--class-names applies to idx and parquet; {format} names its classes itself")
-    return source
+    if format == "imagefolder":
+        return ImageFolderSource(path)
+    if format == "idx":
+        return idx_source(path, class_names)
+    if format == "parquet":
+        return ParquetSource(path, image_column=image_column, label_column=label_column, class_names=class_names)
+    return cifar_source(path)

@@ -1,0 +1,149 @@
+"""Data throughput: the WebDataset reader against torchvision's ImageFolder and against an in-memory ceiling.
+
+    python -m benchmarks.bench_data             # 10,000 Fashion-MNIST images, a minute or two
+    python -m benchmarks.bench_data --long      # all 60,000 training images, more rounds
+    python -m benchmarks.bench_data --workers 4 --img-size 64 --eval-transform
+
+All three readers see the same encoded PNG bytes (the images are written once as an ImageFolder tree,
+and the shards are built from that tree), the same transform (``build_transform``; train mode by
+default), the same batch size and the same number of DataLoader worker processes:
+
+* ``in-memory``: a map-style dataset over the encoded bytes held in RAM, decoded and transformed in the
+  workers: what any reader must do at least, so its rate is the ceiling.
+* ``shards``: ``build_loader`` over the built shards (one rank).
+* ``imagefolder``: ``torchvision.datasets.ImageFolder`` over the PNG files.
+
+Each timed epoch starts the workers afresh (as a training epoch does) and runs round-robin across the
+readers, so load from other processes hits all alike; the table gives each reader's best epoch. Also
+printed: the shard build rate (``vitpipe shards build`` from the ImageFolder tree). Targets: shards >= 90%
+of in-memory, and faster than ImageFolder. Without Fashion-MNIST installed, scikit-learn's digits (upscaled
+to 32x32) stand in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.data import build_loader, build_shards, build_transform
+from pipeline.data.sources import idx_source
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def load_images(count: int) -> tuple[np.ndarray, np.ndarray, str]:
+    if (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
+        images, labels = idx_source(FASHION_MNIST).splits["train"]
+        name = "Fashion-MNIST"
+    else:
+        from tests.datasets import digits_arrays
+
+        images, labels = digits_arrays(32)
+        name = "sklearn digits 32x32"
+    reps = -(-count // len(images))
+    return np.concatenate([images] * reps)[:count], np.concatenate([labels] * reps)[:count], name
+
+
+def write_image_folder(root: Path, images: np.ndarray, labels: np.ndarray) -> list[tuple[bytes, int]]:
+    """PNG files in class folders; returns the encoded bytes too, for the in-memory reader."""
+    encoded = []
+    for i, (image, label) in enumerate(zip(images, labels)):
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="PNG")
+        folder = root / f"class_{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i:06d}.png").write_bytes(buf.getvalue())
+        encoded.append((buf.getvalue(), int(label)))
+    return encoded
+
+
+def open_image(path: str) -> Image.Image:
+    image = Image.open(path)
+    image.load()
+    return image
+
+
+class InMemory(Dataset):
+    def __init__(self, encoded: list[tuple[bytes, int]], transform):
+        self.encoded, self.transform = encoded, transform
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def __getitem__(self, i: int):
+        data, label = self.encoded[i]
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return self.transform(image), label
+
+
+def epoch_seconds(loader) -> tuple[float, int]:
+    start, count = time.perf_counter(), 0
+    for images, _ in loader:
+        count += len(images)
+    return time.perf_counter() - start, count
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--long", action="store_true", help="all 60,000 images and 5 rounds")
+    parser.add_argument("--images", type=int, help="images per epoch (default 10,000; --long: 60,000)")
+    parser.add_argument("--rounds", type=int, help="timed epochs per reader (default 3; --long: 5)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--img-size", type=int, default=32)
+    parser.add_argument("--eval-transform", action="store_true", help="resize + centre crop instead of train aug")
+    args = parser.parse_args(argv)
+    count = args.images or (60_000 if args.long else 10_000)
+    rounds = args.rounds or (5 if args.long else 3)
+    torch.set_num_threads(1)  # the workers do the work; keep the main process from competing for cores
+
+    images, labels, name = load_images(count)
+    transform = build_transform(args.img_size, train=not args.eval_transform, in_chans=3)
+    with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
+        tmp = Path(tmp)
+        encoded = write_image_folder(tmp / "folder", images, labels)
+        start = time.perf_counter()
+        build_shards(tmp / "folder", tmp / "shards", format="imagefolder", val_fraction=0.0, progress=False)
+        build_rate = count / (time.perf_counter() - start)
+
+        from torchvision.datasets import ImageFolder
+
+        readers = {
+            "in-memory": lambda: DataLoader(InMemory(encoded, transform), batch_size=args.batch_size, shuffle=True,
+                                            num_workers=args.workers, drop_last=True),  # fmt: skip
+            "shards": lambda: build_loader(tmp / "shards" / "train", batch_size=args.batch_size, transform=transform,
+                                           num_workers=args.workers, epoch=len(times["shards"])),  # fmt: skip
+            "imagefolder": lambda: DataLoader(ImageFolder(str(tmp / "folder"), transform=transform, loader=open_image),
+                                              batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                                              drop_last=True),  # fmt: skip
+        }
+        times: dict[str, list[tuple[float, int]]] = {k: [] for k in readers}
+        for reader in readers:  # warm-up: page cache, imports in fresh workers
+            epoch_seconds(readers[reader]())
+        for _ in range(rounds):
+            for reader, make in readers.items():
+                times[reader].append(epoch_seconds(make()))
+
+    rates = {k: max(n / s for s, n in v) for k, v in times.items()}
+    ceiling = rates["in-memory"]
+    print(f"\n{name}: {count} images/epoch, batch {args.batch_size}, {args.workers} workers, "
+          f"{'eval' if args.eval_transform else 'train'} transform to {args.img_size}x{args.img_size} RGB, "
+          f"best of {rounds} epochs")  # fmt: skip
+    print(f"{'reader':<12} {'images/s':>10} {'vs in-memory':>13}")
+    for reader, rate in rates.items():
+        print(f"{reader:<12} {rate:>10.0f} {rate / ceiling:>12.1%}")
+    print(f"shards vs imagefolder: {rates['shards'] / rates['imagefolder']:.2f}x")
+    print(f"shard build (imagefolder -> shards, incl. sha256 and stats): {build_rate:.0f} images/s")
+
+
+if __name__ == "__main__":
+    main()
