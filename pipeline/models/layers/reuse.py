@@ -17,9 +17,9 @@ the source grid, then adaptive average pooling to the target (7x7 -> 14x14 -> 10
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 from timm.layers import Mlp, to_2tuple
 from torch import nn
 
@@ -34,17 +34,52 @@ def upsample_size(src: tuple[int, int], dst: tuple[int, int]) -> tuple[int, int]
     return tuple(s * max(1, math.ceil(d / s)) for s, d in zip(src, dst))
 
 
-def resize_grid(x: torch.Tensor, src: tuple[int, int], dst: tuple[int, int]) -> torch.Tensor:
-    """Resize the last axis of ``x`` (..., src_h * src_w) from grid ``src`` to grid ``dst``: (..., dst_h * dst_w)."""
-    lead = x.shape[:-1]
-    if x.shape[-1] != src[0] * src[1]:
-        raise ValueError(f"last axis has {x.shape[-1]} entries, grid {src} needs {src[0] * src[1]}")
+@lru_cache(maxsize=None)
+def _axis_resize(src: int, dst: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One axis of "nearest upsample to ``up``, then adaptive average pool to ``dst``" as a gather:
+    output cell ``i`` = sum over ``j`` of ``weight[i, j] * input[index[i, j]]`` (a few terms per cell)."""
+    (up,) = upsample_size((src,), (dst,))
+    factor = up // src
+    rows = []
+    for i in range(dst):
+        lo, hi = (i * up) // dst, -(-((i + 1) * up) // dst)  # torch's adaptive pooling bins
+        sources = [u // factor for u in range(lo, hi)]  # nearest upsampling: cell u copies source u // factor
+        rows.append({s: sources.count(s) / len(sources) for s in sorted(set(sources))})
+    width = max(len(r) for r in rows)
+    index = [list(r) + [0] * (width - len(r)) for r in rows]  # padding terms carry weight 0
+    weight = [list(r.values()) + [0.0] * (width - len(r)) for r in rows]
+    # built on the CPU explicitly: cached, so a meta-device context must not leak into it
+    return torch.tensor(index, dtype=torch.long, device="cpu"), torch.tensor(weight, device="cpu")
+
+
+def _resize_axis(x: torch.Tensor, axis: int, src: int, dst: int) -> torch.Tensor:
+    index, weight = _axis_resize(src, dst)
+    index, weight = index.to(x.device), weight.to(x.device, x.dtype)
+    shape = [1] * x.ndim
+    shape[axis] = dst
+    out = None
+    for j in range(index.shape[1]):
+        term = x.index_select(axis, index[:, j]) * weight[:, j].view(shape)
+        out = term if out is None else out + term
+    return out
+
+
+def resize_grid(x: torch.Tensor, src: tuple[int, int], dst: tuple[int, int], axis: int = -1) -> torch.Tensor:
+    """Resize token-grid axis ``axis`` of ``x`` (holding ``src_h * src_w`` entries) to ``dst_h * dst_w`` entries.
+
+    Equal to ``F.interpolate(mode='nearest')`` to ``upsample_size`` then ``F.adaptive_avg_pool2d`` (the
+    official code), computed as a separable gather-and-weight: on CPU that is many times faster than the
+    two pooling kernels on millions of tiny maps, and, like them, costs no multiply-accumulates.
+    """
+    axis = axis % x.ndim
+    if x.shape[axis] != src[0] * src[1]:
+        raise ValueError(f"axis {axis} has {x.shape[axis]} entries, grid {tuple(src)} needs {src[0] * src[1]}")
     if tuple(src) == tuple(dst):
         return x
-    maps = x.reshape(-1, 1, *src)
-    maps = F.interpolate(maps, size=upsample_size(src, dst), mode="nearest")
-    maps = F.adaptive_avg_pool2d(maps, dst)
-    return maps.reshape(*lead, dst[0] * dst[1])
+    grid = x.unflatten(axis, tuple(src))
+    grid = _resize_axis(grid, axis + 1, src[1], dst[1])
+    grid = _resize_axis(grid, axis, src[0], dst[0])
+    return grid.flatten(axis, axis + 1)
 
 
 class FeatureReuse(nn.Module):
@@ -63,7 +98,7 @@ class FeatureReuse(nn.Module):
         # The MLP runs on every token, class token included, then the class token is dropped: this is the
         # official order, and keeps our MAC count equal to the official design's.
         feats = self.mlp(self.norm(src_tokens))[:, 1:]  # (B, src_h*src_w, out_dim)
-        feats = resize_grid(feats.transpose(1, 2), self.src_grid, self.dst_grid).transpose(1, 2)
+        feats = resize_grid(feats, self.src_grid, self.dst_grid, axis=1)
         cls_slot = feats.new_zeros(feats.shape[0], 1, self.out_dim)
         return torch.cat([cls_slot, feats], dim=1)
 
@@ -71,7 +106,9 @@ class FeatureReuse(nn.Module):
 class RelationReuse(nn.Module):
     """Previous exit's per-block logits [L x (B, H, n, n)] -> attention biases [L x (B, H, N, N)].
 
-    ``expansion`` is the hidden width factor of the shared channel MLP (3 in the official code).
+    ``expansion`` is the hidden width factor of the shared channel MLP (3 in the official code). The
+    official 1x1 convolutions are a Linear over the channel axis: the same map, parameters and MACs, run
+    channels-last here because that is much faster on CPU.
     """
 
     def __init__(self, num_heads: int, depth: int, src_grid: int | tuple[int, int], dst_grid: int | tuple[int, int],
@@ -80,25 +117,23 @@ class RelationReuse(nn.Module):
         self.num_heads, self.depth = num_heads, depth
         self.src_grid, self.dst_grid = to_2tuple(src_grid), to_2tuple(dst_grid)
         channels = num_heads * depth
-        self.mlp = nn.Sequential(
-            nn.Conv2d(channels, channels * expansion, kernel_size=1),
-            act_layer(),
-            nn.Conv2d(channels * expansion, channels, kernel_size=1),
-        )
+        self.mlp = Mlp(channels, channels * expansion, channels, act_layer=act_layer)
 
-    def _resize_keys(self, r: torch.Tensor) -> torch.Tensor:
-        """Resize the key axis (last) of (B, C, rows, 1 + src) to (B, C, rows, 1 + dst); class column kept."""
-        return torch.cat([r[..., :1], resize_grid(r[..., 1:], self.src_grid, self.dst_grid)], dim=-1)
+    def _resize_tokens(self, r: torch.Tensor, axis: int) -> torch.Tensor:
+        """Resize token axis ``axis`` (1 + src grid entries) to 1 + dst grid; the class slot is kept as is."""
+        cls_slot, patches = r.narrow(axis, 0, 1), r.narrow(axis, 1, r.shape[axis] - 1)
+        return torch.cat([cls_slot, resize_grid(patches, self.src_grid, self.dst_grid, axis=axis)], dim=axis)
 
     def forward(self, logits: list[torch.Tensor]) -> list[torch.Tensor]:
         if len(logits) != self.depth:
             raise ValueError(f"relationship reuse expects logits of {self.depth} blocks, got {len(logits)}")
         n = 1 + self.src_grid[0] * self.src_grid[1]
-        stacked = torch.cat(logits, dim=1)  # (B, L*H, n, n), block-major as the official torch.cat
-        if stacked.shape[1:] != (self.num_heads * self.depth, n, n):
+        if any(lg.shape[1:] != (self.num_heads, n, n) for lg in logits):
             raise ValueError(f"relationship reuse expects logits (B, {self.num_heads}, {n}, {n}) per block, "
                              f"got {tuple(logits[0].shape)}")
-        r = self.mlp(stacked)  # on the small grid: cheaper than after resizing, and the official order
-        r = self._resize_keys(r)  # keys:    (B, C, n, N)
-        r = self._resize_keys(r.transpose(-1, -2)).transpose(-1, -2)  # queries: (B, C, N, N)
-        return list(r.split(self.num_heads, dim=1))
+        # channels block-major (block l, head h -> l * H + h), as the official torch.cat over blocks
+        r = torch.cat(logits, dim=1).permute(0, 2, 3, 1)  # (B, n, n, L*H), channels last
+        r = self.mlp(r)  # on the small grid: cheaper than after resizing, and the official order
+        r = self._resize_tokens(r, axis=2)  # keys:    (B, n, N, L*H); the class column keeps its place
+        r = self._resize_tokens(r, axis=1)  # queries: (B, N, N, L*H); the class row keeps its place
+        return list(r.permute(0, 3, 1, 2).split(self.num_heads, dim=1))
