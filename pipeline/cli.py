@@ -112,6 +112,8 @@ def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
     server.add_argument("--port", type=int, default=5000)
     server.add_argument("--workers", type=int, default=4, help="server processes")
     server.add_argument("--private-address", help="default: the address Ray uses for this node")
+    server.add_argument("--host-name", dest="host_names", action="append", default=[],
+                        help="another name clients reach the server by (repeatable), e.g. vitpipe-head")
     server.add_argument("--state-dir", default="~/mlflow", help="where server.pid and server.log go")
     server.set_defaults(func=_cluster_mlflow_server)
 
@@ -134,7 +136,8 @@ def _cluster_mlflow_server(args: argparse.Namespace) -> int:
 
     try:
         pgid = start_mlflow_server(args.db, args.artifacts, port=args.port, private_address=args.private_address,
-                                   state_dir=args.state_dir, workers=args.workers)  # fmt: skip
+                                   state_dir=args.state_dir, host_names=tuple(args.host_names),
+                                   workers=args.workers)  # fmt: skip
     except (ValueError, RuntimeError, TimeoutError) as exc:
         print(f"vitpipe cluster mlflow-server: {exc}", file=sys.stderr)
         return 1

@@ -354,11 +354,12 @@ def _mlflow_problems(config: dict) -> list[str]:
 
 def start_mlflow_server(db: str | os.PathLike, artifacts: str, *, port: int = 5000,
                         private_address: str | None = None, state_dir: str | os.PathLike = "~/mlflow",
-                        workers: int = 4, timeout_s: float = 120.0) -> int:
+                        host_names: tuple[str, ...] = (), workers: int = 4, timeout_s: float = 120.0) -> int:
     """(Re)start ``mlflow server`` detached and return its process-group id once it answers on every address.
 
     It binds 127.0.0.1 (port-forwards, jobs on the head) and the node's private address (GPU workers on other
-    nodes), never a wildcard. ``private_address`` defaults to the address Ray uses for this node. A server
+    nodes), never a wildcard. ``private_address`` defaults to the address Ray uses for this node;
+    ``host_names`` are further names clients may call it by (cluster.yaml's ``vitpipe-head``). A server
     started earlier from the same ``state_dir`` is stopped first.
     """
     if private_address is None:
@@ -380,7 +381,8 @@ def start_mlflow_server(db: str | os.PathLike, artifacts: str, *, port: int = 50
                "--gunicorn-opts", f"--bind {_url_host(private_address)}:{port}"]
     # Host headers the server accepts (its DNS-rebinding guard; with gunicorn only settable by environment):
     # loopback, as a port-forward arrives, and this address.
-    allowed = ",".join(f"{h},{h.replace('[', '[[]')}:*" for h in ("localhost", "127.0.0.1", _url_host(private_address)))
+    names = ("localhost", "127.0.0.1", _url_host(private_address), *host_names)
+    allowed = ",".join(f"{h},{h.replace('[', '[[]')}:*" for h in names)
     env = {**os.environ, "MLFLOW_SERVER_ALLOWED_HOSTS": allowed}
     with open(state_dir / "server.log", "ab") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

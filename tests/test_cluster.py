@@ -136,7 +136,7 @@ BROKEN = {
     # nothing on the internet
     "dashboard on every interface": (
         _replace_in_commands("head_start_ray_commands", "--dashboard-host=127.0.0.1", "--dashboard-host=0.0.0.0"),
-        ["head_start_ray_commands[1]: binds 0.0.0.0"]),
+        ["head_start_ray_commands[2]: binds 0.0.0.0"]),
     "dashboard host not given": (
         _replace_in_commands("head_start_ray_commands", "--dashboard-host=127.0.0.1", ""),
         ["`ray start --head` must pass --dashboard-host=127.0.0.1"]),
@@ -146,7 +146,7 @@ BROKEN = {
     "mlflow on every interface": (
         _append_command("head_start_ray_commands", "mlflow server --host 0.0.0.0 --backend-store-uri "
                         "sqlite:////home/ray/m.db --artifacts-destination s3://b/mlflow"),
-        ["head_start_ray_commands[3]: binds 0.0.0.0"]),
+        ["head_start_ray_commands[4]: binds 0.0.0.0"]),
     "gunicorn wildcard bind": (
         _append_command("head_setup_commands", "gunicorn --bind [::]:5000 app:app"), ["binds [::]:5000"]),
     "open security group": (
@@ -248,10 +248,11 @@ def test_mlflow_server_refuses_public_or_wildcard_addresses(address, tmp_path):
 
 
 @pytest.mark.timeout(180)
-def test_mlflow_server_serves_both_addresses_and_restarts(tmp_path):
-    """What cluster.yaml runs on the head: reachable on 127.0.0.1 and the second address, nowhere else;
-    a second start replaces the first server (as `ray up` does on a restart)."""
+def test_mlflow_server_serves_both_addresses_and_replaces_the_old_one(tmp_path):
+    """What cluster.yaml runs on the head: reachable on 127.0.0.1 and the second address, nowhere else, under
+    the names it is given; a server left by an earlier `ray up` (its pid file) is stopped first."""
     import socket
+    import subprocess
 
     import psutil
     from mlflow.tracking import MlflowClient
@@ -263,17 +264,35 @@ def test_mlflow_server_serves_both_addresses_and_restarts(tmp_path):
         port = s.getsockname()[1]
     second = "127.0.0.2"  # stands in for the head's private VPC address
     state = tmp_path / "state"
-    kwargs = dict(port=port, private_address=second, state_dir=state, workers=1)
+    state.mkdir()
+    previous = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    (state / "server.pid").write_text(str(previous.pid))
     try:
-        first = start_mlflow_server(tmp_path / "mlflow.db", str(tmp_path / "artifacts"), **kwargs)
+        start_mlflow_server(tmp_path / "mlflow.db", str(tmp_path / "artifacts"), port=port, private_address=second,
+                            host_names=("vitpipe-head",), state_dir=state, workers=1)  # fmt: skip
+        assert previous.poll() is not None  # the old server's process group was stopped
         listening = {c.laddr for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port}
         assert {(a.ip, a.port) for a in listening} == {("127.0.0.1", port), (second, port)}
         experiment = MlflowClient(f"http://{second}:{port}").create_experiment("from-a-worker")
         assert MlflowClient(f"http://127.0.0.1:{port}").get_experiment(experiment).name == "from-a-worker"
-
-        again = start_mlflow_server(tmp_path / "mlflow.db", str(tmp_path / "artifacts"), **kwargs)
-        assert again != first and not psutil.pid_exists(first)
-        assert MlflowClient(f"http://127.0.0.1:{port}").get_experiment(experiment).name == "from-a-worker"
+        # The DNS-rebinding guard accepts the cluster's name for the head and refuses any other host name.
+        assert _status_with_host(port, f"vitpipe-head:{port}") == 200
+        assert _status_with_host(port, "attacker.example") == 403
     finally:
-        stop_mlflow_server(state)
+        previous.kill()
+        assert stop_mlflow_server(state)
     assert not (state / "server.pid").exists()
+    assert not any(c.laddr.port == port for c in psutil.net_connections("tcp") if c.status == "LISTEN")
+
+
+def _status_with_host(port: int, host: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1",
+                                     headers={"Host": host})  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
