@@ -27,8 +27,8 @@ from pipeline.models.vit import VisionTransformer
 
 
 def conv_matrix(weight, grid, num_prefix, mode):
-    """The depthwise conv as a dense (heads, N, N) matrix: out_i = sum_j M[i, j] v_j."""
-    heads, k = weight.shape[0], weight.shape[2]
+    """The depthwise conv (weight (heads, k) or (heads, k, k)) as a dense (heads, N, N) matrix: out_i = Σ_j M[i, j] v_j."""
+    heads, k = weight.shape[0], weight.shape[1]
     c = k // 2
     H, W = grid
     N = num_prefix + H * W
@@ -36,16 +36,16 @@ def conv_matrix(weight, grid, num_prefix, mode):
     if mode == "tokens":  # slide along the whole sequence, prefix tokens included
         for i in range(N):
             for j in range(max(0, i - c), min(N, i + c + 1)):
-                M[:, i, j] = weight[:, 0, j - i + c, 0]
+                M[:, i, j] = weight[:, j - i + c]
         return M
     for p in range(num_prefix):  # a prefix token is its own only neighbour
-        M[:, p, p] = weight[:, 0, c, c]
+        M[:, p, p] = weight[:, c, c]
     for r in range(H):
         for s in range(W):
             for dr in range(-c, c + 1):
                 for ds in range(-c, c + 1):
                     if 0 <= r + dr < H and 0 <= s + ds < W:
-                        M[:, num_prefix + r * W + s, num_prefix + (r + dr) * W + s + ds] = weight[:, 0, dr + c, ds + c]
+                        M[:, num_prefix + r * W + s, num_prefix + (r + dr) * W + s + ds] = weight[:, dr + c, ds + c]
     return M
 
 
@@ -62,7 +62,7 @@ def reference_castling(attn, x, grid, num_prefix, branch, same=None):
     q, k, v = (t.view(B, N, h, d).transpose(1, 2) for t in (q, k, v))
     qn, kn = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
     A = 0.5 * torch.eye(N) + qn @ kn.transpose(-2, -1) / math.pi
-    conv = conv_matrix(attn.dwconv.weight, grid, num_prefix, attn.dwconv_mode)
+    conv = conv_matrix(attn.dwconv_weight, grid, num_prefix, attn.dwconv_mode)
     logits = q @ k.transpose(-2, -1) / math.sqrt(d)
     if same is not None:
         A, conv = A * same, conv * same
@@ -116,7 +116,8 @@ def randomize(module, seed=0):
 
 @pytest.mark.parametrize("dwconv, kernel", [("tokens", 9), ("tokens", 3), ("grid", 3)])
 @pytest.mark.parametrize("branch", [True, False])
-def test_right_to_left_equals_quadratic_reference(dwconv, kernel, branch):
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "in-place"])
+def test_right_to_left_equals_quadratic_reference(dwconv, kernel, branch, grad):
     grid = (3, 4)
     attn = randomize(
         CastlingAttention(24, 2, grid_size=grid, num_prefix_tokens=1, mask_eps=0.1, dwconv=dwconv, dwconv_kernel=kernel)
@@ -124,7 +125,8 @@ def test_right_to_left_equals_quadratic_reference(dwconv, kernel, branch):
     if not branch:
         switch_to_inference(attn)
     x = torch.randn(3, 13, 24)
-    out, logits = attn(x)
+    with torch.set_grad_enabled(grad):  # without autograd the core runs in place in the q, k, v buffer
+        out, logits = attn(x)
     expected, stats = reference_castling(attn, x, grid, 1, branch)
     assert logits is None
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
@@ -172,7 +174,7 @@ def test_window_without_regions_equals_global_attention_on_the_same_grid():
 def test_output_is_unit_norm_per_head_before_the_conv():
     attn = randomize(CastlingAttention(24, 3, grid_size=(2, 2)))
     with torch.no_grad():
-        attn.dwconv.weight.zero_()
+        attn.dwconv_weight.zero_()
         attn.proj.weight.copy_(torch.eye(24))
         attn.proj.bias.zero_()
     out, _ = attn(torch.randn(2, 5, 24))
@@ -392,7 +394,7 @@ def test_registered_models_build_and_run():
     nano = timm.create_model("castling_vit_nano", num_classes=10)
     twin = timm.create_model("vit_msa_nano", num_classes=10)
     assert nano(x).shape == twin(x).shape == (2, 10)
-    extra = sum(m.dwconv.weight.numel() for _, m in castling_modules(nano))  # the conv is Castling's only addition
+    extra = sum(m.dwconv_weight.numel() for _, m in castling_modules(nano))  # the conv is Castling's only addition
     assert sum(p.numel() for p in nano.parameters()) == sum(p.numel() for p in twin.parameters()) + extra == \
         sum(p.numel() for p in twin.parameters()) + 6 * 4 * 9
     with torch.device("meta"):

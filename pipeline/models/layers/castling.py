@@ -41,13 +41,22 @@ __all__ = [
 DWCONV_MODES = ("tokens", "grid")
 
 
+def _inv_norm(t: Tensor) -> Tensor:
+    """``1 / max(||t||, 1e-12)`` over the last axis, keepdim (F.normalize's convention)."""
+    return torch.linalg.vector_norm(t, dim=-1, keepdim=True).clamp_min(1e-12).reciprocal()
+
+
 class _LinearAngularAttention(nn.Module):
     """Projections, the attention core and the depthwise convolution shared by both contracts.
 
-    ``dwconv="tokens"`` convolves each head's ``v`` along the token sequence (kernel ``(k, 1)``, the
+    ``dwconv="tokens"`` convolves each head's ``v`` along the token sequence (kernel ``k``, the
     release); ``"grid"`` convolves it on the 2-D token grid (kernel ``k x k``) [ours]. Either way a head
-    has one kernel, shared by its ``d`` channels, so the conv has ``heads * k`` (or ``heads * k * k``)
-    weights.
+    has one kernel, shared by its ``d`` channels (``dwconv_weight``: ``(heads, k)`` or ``(heads, k, k)``).
+
+    Memory layout, for speed on CPU (the attention core is a few passes over memory, so passes and
+    temporaries are what it costs): q, k, v are copied once into head-major order for the matmuls; the
+    conv runs channel-major, where a depthwise conv is fastest (several times faster than on the
+    head-major layout); without autograd the core reuses the q, k, v buffer for its intermediates.
     """
 
     has_logits = False  # the softmax branch is auxiliary and vanishes, so no logits are part of the interface
@@ -79,14 +88,14 @@ class _LinearAngularAttention(nn.Module):
         self.mask_eps = mask_eps
         self.sparse_branch = sparse_branch  # True: training form; switch_to_inference sets False
         self.dwconv_mode = dwconv
+        self.dwconv_kernel = dwconv_kernel
 
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
-        kernel = (dwconv_kernel, 1) if dwconv == "tokens" else (dwconv_kernel, dwconv_kernel)
-        # Channels are heads: a (B, heads, N, d) tensor convolved with a (k, 1) kernel slides along N only.
-        self.dwconv = nn.Conv2d(
-            num_heads, num_heads, kernel, padding=(kernel[0] // 2, kernel[1] // 2), groups=num_heads, bias=False
-        )
+        taps = (dwconv_kernel,) if dwconv == "tokens" else (dwconv_kernel, dwconv_kernel)
+        self.dwconv_weight = nn.Parameter(torch.empty(num_heads, *taps))
+        bound = 1 / math.sqrt(math.prod(taps))  # nn.Conv's default init for this fan-in
+        nn.init.uniform_(self.dwconv_weight, -bound, bound)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
@@ -94,36 +103,33 @@ class _LinearAngularAttention(nn.Module):
         self.last_mask_mean: Tensor | None = None  # mean(Sparse), differentiable
         self.last_mask_density: Tensor | None = None  # share of P > eps, detached
 
-    def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def split_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, N, C) -> q, k, v, each (B, heads, N, d), contiguous (one copy for all three)."""
         B, N, _ = x.shape
-        return self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return qkv.contiguous().unbind(0)
 
-    def merge_heads(self, y: Tensor) -> Tensor:
-        B, _, N, _ = y.shape
-        return self.proj_drop(self.proj(y.transpose(1, 2).reshape(B, N, self.dim)))
+    def linear_attention(self, q: Tensor, k: Tensor, v: Tensor, regions: Tensor | None = None) -> Tensor:
+        """``2 (0.5 v + (1/pi) q̂ (k̂ᵀ v))`` (+ ``2 Sparse v`` in training form), not yet normalised.
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, regions: Tensor | None = None) -> Tensor:
-        """Normalised linear-angular attention (plus the masked softmax branch in training form).
-
-        q, k, v: (..., h, n, d). ``regions``: None, or a (..., 1, n, R) one-hot of each token's region; a
-        token then attends only to its region's tokens: ``Y_i = q̂_i S_r(i)`` with per-region sums
-        ``S_r = Σ_{j in r} k̂_jᵀ v_j``, gathered back through the one-hot (still linear in n).
+        The factor 2 saves a pass and is removed by the normalisation that follows. q, k, v:
+        (..., h, n, d). ``regions``: None, or a (..., 1, n, R) one-hot of each token's region; a token then
+        attends only to its region: ``q̂_i S_r(i)`` with per-region sums ``S_r = Σ_{j in r} k̂_jᵀ v_j``,
+        stacked as an (R*d, d) matrix and gathered back through the one-hot (still linear in n).
         """
-        qn = F.normalize(q, dim=-1)
-        kn = F.normalize(k, dim=-1)
+        kn = k * (_inv_norm(k) * (2 / math.pi))  # k̂, with 2/pi folded into the per-token scale
         if regions is None:
-            kv = (kn.transpose(-2, -1) @ v) * (1 / math.pi)  # (..., d, d): scale the small matrix, not Y
-            y = (qn @ kv).add_(v, alpha=0.5)
+            y = q @ (kn.transpose(-2, -1) @ v)  # right to left: (d x n)(n x d) first
         else:
-            *lead, n, d = qn.shape
-            R = regions.shape[-1]
-            kr = (kn.unsqueeze(-2) * regions.unsqueeze(-1)).reshape(*lead, n, R * d)  # k̂ placed in its region's slot
-            qr = (qn.unsqueeze(-2) * regions.unsqueeze(-1)).reshape(*lead, n, R * d)
-            kv = (kr.transpose(-2, -1) @ v) * (1 / math.pi)  # (..., R*d, d): the R stacked sums S_r
-            y = (qr @ kv).add_(v, alpha=0.5)
+            *lead, n, d = q.shape
+            kr = (kn.unsqueeze(-2) * regions.unsqueeze(-1)).reshape(*lead, n, -1)  # k̂ in its region's slot
+            qr = (q.unsqueeze(-2) * regions.unsqueeze(-1)).reshape(*lead, n, -1)
+            y = qr @ (kr.transpose(-2, -1) @ v)
+        # q̂ (k̂ᵀ v) = (q (k̂ᵀ v)) / ||q||: scale the product's rows rather than normalising q first
+        y = torch.addcmul(v, y, _inv_norm(q), out=None if torch.is_grad_enabled() else y)
         if self.sparse_branch:
-            y = y + self.sparse_attention(q, k, v, regions)
-        return F.normalize(y, dim=-1)
+            y = y.add_(self.sparse_attention(q, k, v, regions), alpha=2.0)
+        return y
 
     def sparse_attention(self, q: Tensor, k: Tensor, v: Tensor, regions: Tensor | None) -> Tensor:
         """``Sparse · v`` with ``Sparse = P ⊙ 1[P > eps]``; records the mask statistics while training."""
@@ -139,15 +145,60 @@ class _LinearAngularAttention(nn.Module):
             self.last_mask_density = mask.float().mean().detach()
         return self.attn_drop(sparse) @ v
 
-    def conv_grid(self, v: Tensor, grid: tuple[int, int]) -> Tensor:
-        """Depthwise conv of ``v`` (b, h, H*W, d) on its token grid or along its token sequence."""
+    def channel_major(self, v: Tensor) -> Tensor:
+        """(B, h, N, d) -> (B, h*d, N): the layout the depthwise conv runs fastest in."""
+        B, h, N, d = v.shape
+        return v.transpose(-2, -1).reshape(B, h * d, N)
+
+    def conv(self, v: Tensor, grid: tuple[int, int], num_prefix: int = 0) -> Tensor:
+        """Depthwise conv of channel-major ``v`` (B, C, N): along the tokens, or on the token grid.
+
+        In grid mode the first ``num_prefix`` tokens have no place on the grid and get the kernel's
+        centre tap alone.
+        """
+        C = v.shape[1]
+        weight = self.dwconv_weight.repeat_interleave(self.head_dim, dim=0).unsqueeze(1)  # head kernel per channel
+        pad = self.dwconv_kernel // 2
         if self.dwconv_mode == "tokens":
-            return self.dwconv(v)
-        b, h, n, d = v.shape
-        planes = v.transpose(-2, -1).reshape(b, h * d, *grid)  # every channel a plane, grouped by head
-        weight = self.dwconv.weight.repeat_interleave(d, dim=0)  # the head's kernel for each of its channels
-        out = F.conv2d(planes, weight, padding=self.dwconv.padding, groups=h * d)
-        return out.reshape(b, h, d, n).transpose(-2, -1)
+            return F.conv1d(v, weight, padding=pad, groups=C)
+        out = F.conv2d(v[..., num_prefix:].unflatten(-1, grid), weight, padding=pad, groups=C).flatten(2)
+        if num_prefix:
+            centre = weight[:, :, pad, pad]  # (C, 1)
+            out = torch.cat([v[..., :num_prefix] * centre, out], dim=-1)
+        return out
+
+    def finish(self, y: Tensor, conv: Tensor) -> Tensor:
+        """``y / ||y|| + conv`` per head, heads merged into token-major order, projected: (B, N, C)."""
+        B, h, N, d = y.shape
+        out = torch.addcmul(conv.view(B, h, d, N).transpose(-2, -1), y, _inv_norm(y))
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, self.dim)))
+
+    def attend_tokens(self, x: Tensor, grid: tuple[int, int], num_prefix: int = 0) -> Tensor:
+        """The whole attention on (B, N, C) tokens, without region restriction: (B, N, C)."""
+        q, k, v = self.split_heads(x)
+        if not torch.is_grad_enabled():
+            return self.attend_tokens_in_place(q, k, v, grid, num_prefix)
+        y = self.linear_attention(q, k, v)
+        return self.finish(y, self.conv(self.channel_major(v), grid, num_prefix))
+
+    def attend_tokens_in_place(self, q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int], num_prefix: int) -> Tensor:
+        """``linear_attention`` + ``finish`` when nothing is kept for backward: the same math, computed
+        inside the buffer that holds q, k, v. On CPU every fresh (B, N, C) temporary costs page faults
+        and cache misses comparable to the attention's arithmetic; here only the conv output is new.
+        """
+        B, h, N, d = q.shape
+        branch = self.sparse_attention(q, k, v, None) if self.sparse_branch else None  # needs the raw q, k
+        q_scale = _inv_norm(q)
+        kv = k.mul_(_inv_norm(k) * (2 / math.pi)).transpose(-2, -1) @ v  # k's buffer: k̂ (2/pi folded in)
+        y = torch.matmul(q, kv, out=k)  # k's buffer: q k̂ᵀv
+        torch.addcmul(v, y, q_scale, out=y)  # 2 (0.5 v + (1/pi) q̂ k̂ᵀ v), as in linear_attention
+        if branch is not None:
+            y.add_(branch, alpha=2.0)
+        v_cm = q.view(B, h, d, N).copy_(v.transpose(-2, -1)).view(B, h * d, N)  # q's buffer: channel-major v
+        conv = self.conv(v_cm, grid, num_prefix).view(B, h, d, N).transpose(-2, -1)
+        out = v.view(B, N, h, d)  # v's buffer (v is no longer read): the token-major result
+        torch.addcmul(conv, y, _inv_norm(y), out=out.transpose(1, 2))
+        return self.proj_drop(self.proj(out.view(B, N, self.dim)))
 
     def switch_to_inference(self) -> None:
         self.sparse_branch = False
@@ -156,7 +207,7 @@ class _LinearAngularAttention(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, num_heads={self.num_heads}, grid_size={self.grid_size}, dwconv={self.dwconv_mode}, "
-            f"mask_eps={self.mask_eps}, sparse_branch={self.sparse_branch}"
+            f"dwconv_kernel={self.dwconv_kernel}, mask_eps={self.mask_eps}, sparse_branch={self.sparse_branch}"
         )
 
 
@@ -201,15 +252,7 @@ class CastlingAttention(_LinearAngularAttention):
                 f"expected x of shape (B, {self.num_tokens}, {self.dim}) "
                 f"({self.num_prefix_tokens} prefix + {self.grid_size} grid), got {tuple(x.shape)}"
             )
-        q, k, v = self.qkv_heads(x)
-        y = self.attend(q, k, v)
-        if self.dwconv_mode == "tokens":
-            y = y + self.dwconv(v)
-        else:
-            p = self.num_prefix_tokens
-            centre = self.dwconv.weight[:, 0, self.dwconv.padding[0], self.dwconv.padding[1]].view(-1, 1, 1)
-            y = y + torch.cat([v[:, :, :p] * centre, self.conv_grid(v[:, :, p:], self.grid_size)], dim=2)
-        return self.merge_heads(y), None
+        return self.attend_tokens(x, self.grid_size, self.num_prefix_tokens), None
 
 
 class WindowCastlingAttention(_LinearAngularAttention):
@@ -263,23 +306,22 @@ class WindowCastlingAttention(_LinearAngularAttention):
 
     def forward(self, x: Tensor, region_ids: Tensor | None = None) -> Tensor:
         num_windows = check_windows(x, self.window_area, region_ids)
-        q, k, v = self.qkv_heads(x)  # (B*nW, h, N, d)
         regions = None if region_ids is None else self.region_onehot(region_ids)
         if regions is None or regions.shape[-1] == 1:  # unshifted, or no window spans a seam
-            y = self.attend(q, k, v) + self.conv_grid(v, self.window_size)
-            return self.merge_heads(y)
+            return self.attend_tokens(x, self.window_size)
 
+        q, k, v = self.split_heads(x)  # (B*nW, h, N, d)
         BW, h, N, d = q.shape
-        q, k, v = (t.reshape(-1, num_windows, h, N, d) for t in (q, k, v))
-        regions = regions.to(q.dtype).unsqueeze(1)  # (nW, 1, N, R)
-        y = self.attend(q, k, v, regions)  # the one-hot also masks the softmax branch
+        regions = regions.to(q.dtype)  # (nW, N, R)
+        q, k, v = (t.view(-1, num_windows, h, N, d) for t in (q, k, v))
+        y = self.linear_attention(q, k, v, regions.unsqueeze(1)).view(BW, h, N, d)  # one-hot also masks the branch
         # Conv of each region alone: zero the other regions' tokens, convolve, keep the region's outputs.
         R = regions.shape[-1]
-        masks = regions.permute(3, 0, 1, 2)[:, None, ..., None]  # (R, 1, nW, 1, N, 1)
-        v_by_region = (v.unsqueeze(0) * masks).reshape(R * BW, h, N, d)
-        conv = self.conv_grid(v_by_region, self.window_size).reshape(R, -1, num_windows, h, N, d)
-        y = y + (conv * masks).sum(dim=0)
-        return self.merge_heads(y.reshape(BW, h, N, d))
+        masks = regions.permute(2, 0, 1)[:, None, :, None, :]  # (R, 1, nW, 1, N)
+        v_cm = self.channel_major(v.view(BW, h, N, d)).view(-1, num_windows, self.dim, N)
+        conv = self.conv((v_cm * masks).reshape(R * BW, self.dim, N), self.window_size)
+        conv = (conv.view(R, -1, num_windows, self.dim, N) * masks).sum(dim=0)
+        return self.finish(y, conv.view(BW, self.dim, N))
 
 
 def castling_modules(model: nn.Module) -> list[tuple[str, _LinearAngularAttention]]:
