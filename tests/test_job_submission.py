@@ -143,7 +143,8 @@ def wait_for_job(client, job_id: str, timeout_s: float):
 @pytest.mark.ray
 @pytest.mark.timeout(150)
 def test_job_runs_submitted_code_in_the_project_env(ray_head):
-    """The mechanics: token auth, the shipped working dir first on sys.path, the venv's interpreter."""
+    """The README's command (`ray job submit --working-dir .` with RAY_AUTH_MODE=token): the token is needed,
+    the uploaded working dir comes first on sys.path, and `python` is the project's interpreter."""
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(f"{ray_head.address}/api/jobs/", timeout=10)
     assert refused.value.code == 401  # no token, no jobs
@@ -151,11 +152,11 @@ def test_job_runs_submitted_code_in_the_project_env(ray_head):
     probe = ("import json, sys, ray, pipeline; ray.init(); "
              "print('PROBE', json.dumps({'python': sys.executable, 'pipeline': pipeline.__file__, "
              "'cpus': ray.cluster_resources().get('CPU')}))")  # fmt: skip
-    client = ray_head.client()
-    job_id = client.submit_job(entrypoint=f'python -c "{probe}"',
-                               runtime_env={"working_dir": str(REPO), "excludes": EXCLUDES})  # fmt: skip
-    logs = wait_for_job(client, job_id, timeout_s=90)
-    facts = json.loads(next(line for line in logs.splitlines() if line.startswith("PROBE ")).split(" ", 1)[1])
+    env = {**ray_head.env, "RAY_ADDRESS": ray_head.address}  # token mode and this head's token file
+    submit = [str(VENV_BIN / "ray"), "job", "submit", "--working-dir", ".", "--", "python", "-c", probe]
+    done = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr  # `ray job submit` waits and fails with the job
+    facts = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("PROBE ")).split(" ", 1)[1])
     assert Path(facts["python"]) == Path(sys.executable)
     assert "working_dir_files" in facts["pipeline"]  # the uploaded copy, not the editable install in REPO
     assert not facts["pipeline"].startswith(str(REPO))
