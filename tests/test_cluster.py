@@ -36,6 +36,17 @@ def test_shipped_config_passes():
     assert check_cluster_config(REPO / "cluster.yaml") == []
 
 
+def test_ray_loads_the_shipped_config_as_ray_up_does():
+    """Ray's own preparation of a cluster config (defaults filled in, then validated), minus the AWS calls."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(SHIPPED))
+    validate_config(prepared)
+    # Ray prepends setup_commands to each role's own; none of its AWS defaults slip in.
+    assert prepared["head_setup_commands"] == prepared["worker_setup_commands"] == SHIPPED["setup_commands"]
+    assert prepared["available_node_types"]["gpu_a100_x8"]["resources"]["GPU"] == 8
+
+
 def test_image_is_the_pinned_ray_release():
     """The image tag, the installed Ray and pyproject's Ray requirement agree (client and cluster must match)."""
     image = SHIPPED["docker"]["image"]
