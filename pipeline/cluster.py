@@ -91,17 +91,27 @@ def check_cluster_config(path: str | os.PathLike) -> list[str]:
 
     problems = _secret_problems(text)
     problems += _schema_problems(config)
-    node_types = config.get("available_node_types")
-    if not isinstance(node_types, dict) or not node_types:
+    # The project's rules read values of the wrong type (which the schema has reported) as absent.
+    node_types = {name: node for name, node in _dict(config.get("available_node_types")).items()
+                  if isinstance(node, dict)}
+    if not node_types:
         return problems + ["available_node_types: missing; declare a CPU head and GPU worker node types"]
     problems += _provider_problems(config)
     problems += _node_type_problems(config, node_types)
     problems += _image_problems(config, node_types)
-    problems += _exposure_problems(config, node_types)
+    problems += _exposure_problems(config)
     problems += _auth_problems(config)
     problems += _install_problems(config)
     problems += _mlflow_problems(config)
     return problems
+
+
+def _dict(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _strings(value) -> list[str]:
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
 
 
 def _secret_problems(text: str) -> list[str]:
@@ -121,21 +131,26 @@ def _schema_problems(config: dict) -> list[str]:
         warnings.warn("jsonschema is not installed: the check against Ray's schema is skipped", stacklevel=3)
         return []
     schema = json.loads(ray_schema_path().read_text())
-    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(config),
+                    key=lambda e: [str(part) for part in e.absolute_path])
     return [f"{'.'.join(map(str, e.absolute_path)) or '(top level)'}: {e.message} (Ray's cluster schema)"
             for e in errors]
 
 
 def _provider_problems(config: dict) -> list[str]:
-    provider = config.get("provider") or {}
+    provider = _dict(config.get("provider"))
     problems = []
     if provider.get("type") != "aws":
         problems.append(f"provider.type: is {provider.get('type')!r}; this config and its GPU checks are for 'aws'")
-    for i, rule in enumerate((provider.get("security_group") or {}).get("IpPermissions") or []):
-        ranges = [r.get("CidrIp") for r in rule.get("IpRanges", [])] + [
-            r.get("CidrIpv6") for r in rule.get("Ipv6Ranges", [])]
+    rules = _dict(provider.get("security_group")).get("IpPermissions")
+    for i, rule in enumerate(rules if isinstance(rules, list) else []):
+        if not isinstance(rule, dict):
+            problems.append(f"provider.security_group.IpPermissions[{i}]: expected a mapping (an EC2 IpPermission)")
+            continue
+        ranges = [_dict(r).get("CidrIp") for r in rule.get("IpRanges") or []] + [
+            _dict(r).get("CidrIpv6") for r in rule.get("Ipv6Ranges") or []]
         for cidr in ranges:
-            if cidr and _is_public_network(cidr):
+            if isinstance(cidr, str) and _is_public_network(cidr):
                 ports = f"{rule.get('FromPort')}-{rule.get('ToPort')}"
                 problems.append(f"provider.security_group.IpPermissions[{i}]: opens ports {ports} to {cidr}; "
                                 "reach the dashboard and MLflow through an SSH port-forward instead")
@@ -159,14 +174,12 @@ def _node_type_problems(config: dict, node_types: dict) -> list[str]:
     sum_min_workers = 0
     for name, node in node_types.items():
         where = f"available_node_types.{name}"
-        if not isinstance(node, dict):
-            continue  # the schema check has said so
-        resources = node.get("resources") or {}
+        resources = _dict(node.get("resources"))
         declared_gpus = resources.get("GPU")
         if declared_gpus is not None and (not isinstance(declared_gpus, int) or isinstance(declared_gpus, bool)):
             continue  # the schema check has said so
-        instance = (node.get("node_config") or {}).get("InstanceType")
-        if not instance:
+        instance = _dict(node.get("node_config")).get("InstanceType")
+        if not isinstance(instance, str) or not instance:
             problems.append(f"{where}.node_config.InstanceType: missing")
             continue
         known = AWS_GPU_INSTANCES.get(instance)
@@ -211,22 +224,25 @@ def _node_type_problems(config: dict, node_types: dict) -> list[str]:
 
 def _image_problems(config: dict, node_types: dict) -> list[str]:
     """The image each node really runs (Ray's precedence: node type > worker_image/head_image > image)."""
-    docker = config.get("docker") or {}
+    docker = _dict(config.get("docker"))
     head = config.get("head_node_type")
+    def image(*candidates):
+        return next((c for c in candidates if isinstance(c, str) and c), None)
+
     images = {}
     for name, node in node_types.items():
-        own = ((node or {}).get("docker") or {}).get("worker_image") if isinstance(node, dict) else None
         if name == head:
-            images[name] = docker.get("head_image") or docker.get("image")
+            images[name] = image(docker.get("head_image"), docker.get("image"))
         else:
-            images[name] = own or docker.get("worker_image") or docker.get("image")
+            images[name] = image(_dict(node.get("docker")).get("worker_image"), docker.get("worker_image"),
+                                 docker.get("image"))
     if not any(images.values()):
         return ["docker.image: missing; run the nodes in rayproject/ray:<Ray version>-py311-gpu"]
     ray_version = installed_ray_version()
     problems, pythons = [], set()
     for name, image in images.items():
         where = f"available_node_types.{name} (image {image})"
-        if not image:
+        if image is None:
             problems.append(f"available_node_types.{name}: no docker image; set docker.image")
             continue
         if image.startswith("rayproject/ray-ml"):
@@ -242,7 +258,7 @@ def _image_problems(config: dict, node_types: dict) -> list[str]:
             problems.append(f"{where}: has Ray {match['ray']} but the project runs Ray {ray_version} "
                             f"(client and cluster must match); use rayproject/ray:{ray_version}-py{match['py']}-gpu")
         variant = match["variant"] or ""
-        instance = ((node_types[name] or {}).get("node_config") or {}).get("InstanceType", "")
+        instance = _dict(node_types[name].get("node_config")).get("InstanceType")
         if instance in AWS_GPU_INSTANCES and not (variant == "gpu" or variant.startswith("cu")):
             problems.append(f"{where}: has no CUDA; GPU nodes need the -gpu (or -cuXXX) variant")
     if len(pythons) > 1:
@@ -255,15 +271,15 @@ def _commands(config: dict) -> list[tuple[str, str]]:
     """(where, command) for every shell command in the config, node-type overrides included."""
     found = []
     for key in _COMMAND_LISTS:
-        found += [(f"{key}[{i}]", c) for i, c in enumerate(config.get(key) or []) if isinstance(c, str)]
-    for name, node in (config.get("available_node_types") or {}).items():
+        found += [(f"{key}[{i}]", c) for i, c in enumerate(_strings(config.get(key)))]
+    for name, node in _dict(config.get("available_node_types")).items():
         for key in ("initialization_commands", "worker_setup_commands"):
             found += [(f"available_node_types.{name}.{key}[{i}]", c)
-                      for i, c in enumerate((node or {}).get(key) or []) if isinstance(c, str)]
+                      for i, c in enumerate(_strings(_dict(node).get(key)))]
     return found
 
 
-def _exposure_problems(config: dict, node_types: dict) -> list[str]:
+def _exposure_problems(config: dict) -> list[str]:
     problems = []
     for where, command in _commands(config):
         for value in _BIND.findall(command):
@@ -276,15 +292,12 @@ def _exposure_problems(config: dict, node_types: dict) -> list[str]:
         if re.search(r"(?<![\d.])0\.0\.0\.0(?![\d.])", command) and "0.0.0.0" not in " ".join(
                 _BIND.findall(command)):
             problems.append(f"{where}: mentions 0.0.0.0 (every interface); bind 127.0.0.1 instead")
-    docker = config.get("docker") or {}
-    options = [("docker.run_options", o) for o in docker.get("run_options") or []]
-    options += [("docker.head_run_options", o) for o in docker.get("head_run_options") or []]
-    options += [("docker.worker_run_options", o) for o in docker.get("worker_run_options") or []]
-    for where, option in options:
-        if re.match(r"^\s*(-p|--publish|-P|--publish-all)\b", str(option)):
-            problems.append(f"{where}: {option!r} publishes container ports; use SSH port-forwards")
-    head = config.get("head_start_ray_commands") or []
-    if not any("--dashboard-host" in c for c in head if isinstance(c, str)):
+    docker = _dict(config.get("docker"))
+    for key in ("run_options", "head_run_options", "worker_run_options"):
+        for option in _strings(docker.get(key)):
+            if re.match(r"^\s*(-p|--publish|-P|--publish-all)\b", option):
+                problems.append(f"docker.{key}: {option!r} publishes container ports; use SSH port-forwards")
+    if not any("--dashboard-host" in c for c in _strings(config.get("head_start_ray_commands"))):
         problems.append("head_start_ray_commands: `ray start --head` must pass --dashboard-host=127.0.0.1 "
                         "(the dashboard accepts jobs: keep it on loopback, reach it with `ray dashboard`)")
     return problems
@@ -308,30 +321,26 @@ def _is_public_host(host: str) -> bool:
 def _auth_problems(config: dict) -> list[str]:
     problems = []
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
-        commands = [c for c in config.get(key) or [] if isinstance(c, str)]
-        starts = [c for c in commands if "ray start" in c]
+        starts = [c for c in _strings(config.get(key)) if "ray start" in c]
         if not starts or not all(re.search(r"\bRAY_AUTH_MODE=token\b", c) for c in starts):
             problems.append(f"{key}: `ray start` must run with RAY_AUTH_MODE=token (Ray token auth); "
                             "without it anyone who reaches the cluster's ports can run code on it")
-    mounts = config.get("file_mounts") or {}
-    if not any(str(remote).rstrip("/").endswith(".ray/auth_token") for remote in mounts):
+    if not any(str(remote).rstrip("/").endswith(".ray/auth_token") for remote in _dict(config.get("file_mounts"))):
         problems.append("file_mounts: must copy the Ray auth token to the nodes "
                         "(~/.ray/auth_token: ~/.ray/auth_token; create it with `ray get-auth-token --generate`)")
     return problems
 
 
 def _install_problems(config: dict) -> list[str]:
-    mounts = [str(remote).rstrip("/") for remote in (config.get("file_mounts") or {})]
-    setup = [c for c in config.get("setup_commands") or [] if isinstance(c, str)]
-    if any("pip install" in c and any(m in c for m in mounts) for c in setup):
+    mounts = [str(remote).rstrip("/") for remote in _dict(config.get("file_mounts"))]
+    if any("pip install" in c and any(m in c for m in mounts) for c in _strings(config.get("setup_commands"))):
         return []
     return ["setup_commands: must pip-install the project from its file_mounts copy on every node "
             "(e.g. file_mounts ~/vitpipe: . and `pip install -e ~/vitpipe`)"]
 
 
 def _mlflow_problems(config: dict) -> list[str]:
-    head = [c for key in ("head_setup_commands", "head_start_ray_commands")
-            for c in config.get(key) or [] if isinstance(c, str)]
+    head = [c for key in ("head_setup_commands", "head_start_ray_commands") for c in _strings(config.get(key))]
     servers = [c for c in head if "mlflow-server" in c or "mlflow server" in c]
     if not servers:
         return ["head_start_ray_commands: no MLflow tracking server on the head "

@@ -205,6 +205,17 @@ def test_rule_catches_a_broken_copy(name, tmp_path):
         assert sum(fragment in p for p in problems) == expected.count(fragment), problems
 
 
+@pytest.mark.parametrize("path, value", [
+    ("provider", "aws"), ("docker", ["rayproject/ray"]), ("docker.image", 3), ("file_mounts", ["~/vitpipe"]),
+    ("setup_commands", "pip install -e ~/vitpipe"), (f"{A10G}.node_config", "g5.12xlarge"),
+    (f"{A10G}.resources", [4]), (f"{A10G}", "g5.12xlarge"), ("available_node_types", None),
+    ("provider.security_group", {"IpPermissions": ["tcp/22"]}), ("head_start_ray_commands", [["ray", "start"]]),
+])  # fmt: skip
+def test_values_of_the_wrong_type_are_reported_not_raised(path, value, tmp_path):
+    problems = check(broken(_set(path, value)), tmp_path)
+    assert any(p.startswith(path.split(".")[0]) for p in problems), problems  # named where it is
+
+
 def test_secrets_are_not_echoed(tmp_path):
     edit, _ = BROKEN["AWS keys inline"]
     report = "\n".join(check(broken(edit), tmp_path))
