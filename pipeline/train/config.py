@@ -194,7 +194,7 @@ class CheckpointConfig:
 
 @dataclass
 class MlflowConfig:
-    tracking_uri: str | None = None  # None: sqlite:///<absolute cwd>/mlflow.db, resolved on the driver
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<absolute cwd>/mlflow.db
     experiment: str = "vitpipe"
     system_metrics: bool = True
     system_metrics_interval_s: float = 10.0
@@ -559,7 +559,8 @@ def check_data_sources(config: TrainConfig) -> None:
 def resolve_config(config: TrainConfig, *, base_dir: str | os.PathLike | None = None, check_data: bool = True) -> TrainConfig:
     """The config as the workers will see it: absolute paths, explicit tracking URI, data facts filled in.
 
-    Relative paths are taken from ``base_dir`` (default: the current directory). With ``check_data``
+    Relative paths are taken from ``base_dir`` (default: the current directory); the tracking URI, when
+    the config leaves it out, is ``$MLFLOW_TRACKING_URI`` or ``mlflow.db`` there. With ``check_data``
     the shard manifests are read (errors name the field) and ``num_classes``, ``img_size``,
     ``in_chans`` left empty come from them; without it they must be given.
     """
@@ -567,7 +568,7 @@ def resolve_config(config: TrainConfig, *, base_dir: str | os.PathLike | None = 
     data = config.to_dict()
     data["storage_path"] = _absolute(config.storage_path, base)
     if config.mlflow.tracking_uri is None:
-        data["mlflow"]["tracking_uri"] = f"sqlite:///{base / 'mlflow.db'}"
+        data["mlflow"]["tracking_uri"] = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{base / 'mlflow.db'}"
     for name in ("train", "val", "test"):
         if getattr(config.data, name) is not None:
             data["data"][name] = _absolute(getattr(config.data, name), base)

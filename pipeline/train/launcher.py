@@ -150,7 +150,11 @@ def _resume_point(config: TrainConfig, new: bool) -> dict[str, Any] | None:
     if latest is None:
         return None
     path, meta = latest
-    saved = TrainConfig.from_dict(meta["config"])
+    try:
+        saved = TrainConfig.from_dict(meta["config"])
+    except ConfigError as err:  # written by another version of this schema: the state dict load will tell
+        print(f"[vitpipe] note: cannot compare with the config stored in {path} ({err})")
+        return {"path": path, **meta}
     for field in ("model", "data.num_classes", "data.in_chans", "data.img_size"):
         section, _, key = field.partition(".")
         old, now = getattr(saved, section), getattr(config, section)

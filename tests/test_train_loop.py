@@ -1,0 +1,289 @@
+"""The training loop without Ray workers: loss, evaluation, accumulation, stopping rules, checkpoints, and
+whole in-process runs (Ray Train's local mode) for the methods that train differently (Castling, DVT)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import torch.nn.functional as F
+from mlflow.tracking import MlflowClient
+from torch import nn
+
+from pipeline import tracking
+from pipeline.train.build import classification_loss
+from pipeline.train.checkpoint import (
+    checkpoint_dir_name,
+    delete_run_dir,
+    latest_checkpoint,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+)
+from pipeline.train.config import ConfigError, TrainConfig
+from pipeline.train.launcher import NonFiniteLossError, _resume_point, train
+from pipeline.train.loop import Dist, InjectedFault, State, _scheduler, _setup, evaluate, train_one_epoch
+
+pytestmark = pytest.mark.timeout(180)
+CPU = Dist(rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def plain_config(**sections) -> TrainConfig:
+    data = {"train": "unused", "val": "unused", "num_classes": 5, "img_size": 4, "in_chans": 1, "batch_size": 4}
+    base = {"model": {"name": "vit_msa_nano"}, "data": data, "precision": "fp32", "log_every": 2,
+            "optim": {"epochs": 1, "label_smoothing": 0.0}}  # fmt: skip
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return TrainConfig.from_dict(base)
+
+
+class ListLoader:
+    """The reader's interface (len, iteration, skipped, set_epoch) over fixed batches."""
+
+    def __init__(self, batches):
+        self.batches, self.skipped = batches, 0
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def set_epoch(self, epoch):
+        pass
+
+
+def linear_state(config: TrainConfig, model: nn.Module, *, lr: float = 0.1) -> State:
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    state = State(model=model, ddp=model, optimizer=optimizer, scheduler=None,
+                  scaler=torch.amp.GradScaler("cpu", enabled=False), ema=None)  # fmt: skip
+    state.scheduler = _scheduler(config, optimizer, updates_per_epoch=100)
+    return state
+
+
+# ------------------------------------------------------------------------------------------ loss and evaluation
+
+
+def test_classification_loss_single_and_per_exit():
+    torch.manual_seed(0)
+    logits, target = torch.randn(6, 5), torch.randint(0, 5, (6,))
+    assert torch.allclose(classification_loss(logits, target, label_smoothing=0.1),
+                          F.cross_entropy(logits, target, label_smoothing=0.1))  # fmt: skip
+    exits = [torch.randn(6, 5) for _ in range(3)]
+    expected = 0.5 * F.cross_entropy(exits[0], target) + 1.0 * F.cross_entropy(exits[1], target) + 2.0 * F.cross_entropy(exits[2], target)
+    assert torch.allclose(classification_loss(exits, target, exit_weights=[0.5, 1.0, 2.0]), expected)
+    soft = torch.softmax(torch.randn(6, 5), dim=-1)  # mixup targets carry their own smoothing
+    assert torch.allclose(classification_loss(logits, soft, label_smoothing=0.3), F.cross_entropy(logits, soft))
+    with pytest.raises(ConfigError, match="method.dvt.exit_weights"):
+        classification_loss(logits, target, exit_weights=[1.0])
+
+
+class LookupModel(nn.Module):
+    """Returns fixed logits chosen by the index stored in each image's first pixel (one tensor, or per exit)."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.register_buffer("table", table)  # (exits, N, C)
+
+    def forward(self, images):
+        rows = self.table[:, images[:, 0, 0, 0].long()]
+        return list(rows) if len(self.table) > 1 else rows[0]
+
+
+@pytest.mark.parametrize("exits", [1, 3])
+def test_evaluate_is_exact_and_ignores_padding_rows(exits):
+    torch.manual_seed(1)
+    n, classes = 10, 7
+    table = torch.randn(exits, n, classes)
+    labels = torch.randint(0, classes, (n,))
+    images = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 1, 4, 4)
+    # 3 batches of 4: the last holds 2 padding rows (label -1), as the reader pads short eval ranks.
+    padded_labels = torch.cat([labels, torch.tensor([-1, -1])])
+    padded_images = torch.cat([images, torch.zeros(2, 1, 4, 4)])
+    batches = [(padded_images[i : i + 4], padded_labels[i : i + 4]) for i in range(0, 12, 4)]
+    config = plain_config(data={"num_classes": classes})
+
+    metrics = evaluate(LookupModel(table), ListLoader(batches), CPU, config)
+
+    final = table[-1]
+    assert metrics["loss"] == pytest.approx(F.cross_entropy(final, labels).item(), rel=1e-6)
+    assert metrics["top1"] == pytest.approx(100 * (final.argmax(-1) == labels).float().mean().item())
+    top5 = (final.topk(5, dim=-1).indices == labels[:, None]).any(-1).float().mean().item()
+    assert metrics["top5"] == pytest.approx(100 * top5)
+    if exits > 1:
+        for k in range(exits):
+            assert metrics[f"exit{k + 1}_top1"] == pytest.approx(100 * (table[k].argmax(-1) == labels).float().mean().item())
+    else:
+        assert not any(key.startswith("exit") for key in metrics)
+
+
+# ------------------------------------------------------------------------------------------ the train step
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    torch.manual_seed(2)
+    images, labels = torch.randn(8, 1, 4, 4), torch.randint(0, 5, (8,))
+    initial = nn.Sequential(nn.Flatten(), nn.Linear(16, 5))
+    results = []
+    for accum, batches in [(1, [(images, labels)]), (2, [(images[:4], labels[:4]), (images[4:], labels[4:])])]:
+        model = nn.Sequential(nn.Flatten(), nn.Linear(16, 5))
+        model.load_state_dict(initial.state_dict())
+        config = plain_config(optim={"accum_steps": accum, "optimizer": "sgd", "scheduler": "step"})
+        state = linear_state(config, model)
+        result = train_one_epoch(state, ListLoader(batches), CPU, config, epoch=0, castling=False)
+        assert state.global_step == 1 and not result.non_finite
+        results.append(model[1].weight.detach().clone())
+    assert torch.allclose(results[0], results[1], atol=1e-6)
+    assert not torch.allclose(results[0], initial[1].weight)
+
+
+class Poisoned(nn.Module):
+    """A linear classifier whose output turns NaN from the ``bad``-th call on."""
+
+    def __init__(self, bad: int):
+        super().__init__()
+        self.fc, self.calls, self.bad = nn.Linear(16, 5), 0, bad
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.fc(x.flatten(1))
+        return out * float("nan") if self.calls >= self.bad else out
+
+
+def test_non_finite_loss_stops_at_the_next_check():
+    batches = [(torch.randn(4, 1, 4, 4), torch.randint(0, 5, (4,))) for _ in range(10)]
+    config = plain_config(log_every=4, optim={"optimizer": "sgd", "scheduler": "step"})
+    state = linear_state(config, Poisoned(bad=6))
+    result = train_one_epoch(state, ListLoader(batches), CPU, config, epoch=0, castling=False)
+    assert result.non_finite and state.global_step == 8  # NaN at step 6, caught at the check after step 8
+
+
+def test_fault_injection_fires_once_per_marker(tmp_path):
+    batches = [(torch.randn(4, 1, 4, 4), torch.randint(0, 5, (4,))) for _ in range(4)]
+    config = plain_config(fault_injection={"rank": 0, "step": 2}, optim={"optimizer": "sgd", "scheduler": "step"})
+    marker = str(tmp_path / "run" / ".fault_injected")
+    state = linear_state(config, nn.Sequential(nn.Flatten(), nn.Linear(16, 5)))
+    with pytest.raises(InjectedFault, match="rank 0 at global step 2"):
+        train_one_epoch(state, ListLoader(batches), CPU, config, epoch=0, castling=False, fault_marker=marker)
+    assert state.global_step == 2 and Path(marker).is_file()
+    state = linear_state(config, nn.Sequential(nn.Flatten(), nn.Linear(16, 5)))
+    train_one_epoch(state, ListLoader(batches), CPU, config, epoch=0, castling=False, fault_marker=marker)
+    assert state.global_step == 4  # the restarted group passes step 2
+    other_rank = Dist(rank=1, world_size=1, device=torch.device("cpu"))
+    train_one_epoch(linear_state(config, nn.Sequential(nn.Flatten(), nn.Linear(16, 5))), ListLoader(batches),
+                    other_rank, config, epoch=0, castling=False, fault_marker=str(tmp_path / "other"))  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def test_checkpoint_round_trip_without_ray(tmp_path):
+    config = plain_config(data={"img_size": 16}, model={"kwargs": {"depth": 1, "embed_dim": 32}},
+                          optim={"ema": True})  # fmt: skip
+    state = _setup(config, CPU)
+    state.scheduler = _scheduler(config, state.optimizer, updates_per_epoch=3)
+    images, labels = torch.randn(4, 1, 16, 16), torch.randint(0, 5, (4,))
+    train_one_epoch(state, ListLoader([(images, labels)] * 3), CPU, config, epoch=0, castling=False)
+    state.epochs_done = 1
+    run_dir = tmp_path / "run"
+    path = save_checkpoint(run_dir / checkpoint_dir_name(1), state.to_dict(config, {"val/top1": 12.5}, "abc123"))
+
+    saved = torch.load(path, weights_only=True)  # plain types and tensors only
+    assert saved["epochs_done"] == 1 and saved["global_step"] == 3 and saved["mlflow_run_id"] == "abc123"
+    assert json.loads((path.parent / "meta.json").read_text())["metrics"] == {"val/top1": 12.5}
+
+    restored = _setup(config, CPU)
+    restored.scheduler = _scheduler(config, restored.optimizer, updates_per_epoch=3)
+    restored.load(load_checkpoint(path.parent))
+    for a, b in zip(state.model.state_dict().values(), restored.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert restored.optimizer.param_groups[0]["lr"] == state.optimizer.param_groups[0]["lr"]
+    assert restored.global_step == 3
+    for a, b in zip(state.ema.module.state_dict().values(), restored.ema.module.state_dict().values()):
+        assert torch.equal(a, b)
+
+    model = load_model(path.parent).eval()
+    state.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(images), state.model(images))
+
+    # The driver's view: the newest complete checkpoint (an interrupted one, without meta.json, is skipped).
+    (run_dir / checkpoint_dir_name(2)).mkdir()
+    newest, meta = latest_checkpoint(str(run_dir))
+    assert Path(newest).name == checkpoint_dir_name(1) and meta["epochs_done"] == 1
+    assert delete_run_dir(str(run_dir)) and latest_checkpoint(str(run_dir)) is None
+
+
+def test_resume_point_new_and_mismatch(tiny_config):
+    config = tiny_config()
+    state_dir = Path(config.run_dir, checkpoint_dir_name(1))
+    save_checkpoint(state_dir, {"epochs_done": 1, "global_step": 21, "metrics": {}, "mlflow_run_id": "r1",
+                                "run_name": config.run_name, "config": config.to_dict()})  # fmt: skip
+    assert _resume_point(config, new=False)["mlflow_run_id"] == "r1"
+    with pytest.raises(ConfigError, match="model: the checkpoints of run 'tiny-cpu' .* pass --new"):
+        _resume_point(tiny_config(model__kwargs__depth=3), new=False)
+    assert _resume_point(config, new=True) is None and not Path(config.run_dir).exists()
+
+
+# ------------------------------------------------------------------------------------------ in-process runs
+
+
+def _run(config):
+    client = MlflowClient(config.mlflow.tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(config.mlflow.experiment).experiment_id])
+    return client, run
+
+
+def _artifacts(client, run_id, path=None) -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= _artifacts(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+def test_castling_run_regularises_logs_densities_and_exports_the_inference_form(tiny_config):
+    config = tiny_config(model__name="castling_vit_nano", optim__epochs=1, scaling__num_workers=0,
+                         method__castling__mask_reg_strength=0.5, data__batch_size=64)  # fmt: skip
+    summary = train(config)
+    client, run = _run(config)
+    assert summary["status"] == "finished" and run.info.status == "FINISHED"
+    densities = {k: v for k, v in run.data.metrics.items() if k.startswith("castling/mask_density/")}
+    assert len(densities) == 2 and all(0.0 <= v <= 1.0 for v in densities.values())  # the 2 blocks' attention
+    assert run.data.metrics["castling/mask_reg_weight"] == 0.5
+    assert "castling_mask_density.png" in _artifacts(client, run.info.run_id)
+
+    (logged,) = client.search_logged_models([run.info.experiment_id])
+    exported = mlflow.pytorch.load_model(logged.model_uri)
+    graph = str(exported.graph)
+    assert "softmax" not in graph  # the masked softmax branch is gone: Castling's inference form
+    images = torch.randn(3, 1, 16, 16)  # another batch size than the input example's: the batch dim stays free
+    assert exported(images).shape == (3, 10)
+
+
+def test_dvt_run_validates_every_exit_and_logs_the_budget_curve(tiny_config):
+    config = tiny_config(model__name="dvt_vit_nano", model__kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2},
+                         optim__epochs=1, scaling__num_workers=0, data__batch_size=64,
+                         method__dvt__exit_weights=[1.0, 1.0, 2.0], data__test=str(Path(tiny_config().data.train).parent / "test"),
+                         mlflow__log_model=False)  # fmt: skip
+    train(config)
+    client, run = _run(config)
+    for k in (1, 2, 3):
+        assert 0.0 <= run.data.metrics[f"val/exit{k}_top1"] <= 100.0
+    assert run.data.metrics["val/exit3_top1"] == run.data.metrics["val/top1"]  # the last exit answers
+    assert int(run.data.params["model.macs_exit1"]) < int(run.data.params["model.macs_exit3"])
+    assert {"dvt/dvt_budget.json", "dvt/dvt_budget.png"} <= _artifacts(client, run.info.run_id)
+    local = client.download_artifacts(run.info.run_id, "dvt/dvt_budget.json")
+    report = json.loads(Path(local).read_text())
+    assert report["evaluated_on"] == "test" and report["evaluation_samples"] == 300 and report["points"]
+
+
+def test_non_finite_loss_fails_the_run_with_a_clear_status(tiny_config):
+    config = tiny_config(optim__epochs=1, scaling__num_workers=0, optim__optimizer="sgd", optim__lr=1.0e30,
+                         log_every=2, mlflow__log_model=False)  # fmt: skip
+    with pytest.raises(NonFiniteLossError, match="non_finite_loss: the training loss became nan"):
+        train(config)
+    _, run = _run(config)
+    assert run.info.status == "FAILED" and run.data.tags[tracking.TAG_STATUS].startswith("non_finite_loss")

@@ -1,0 +1,118 @@
+"""Real Ray Train runs: 2 gloo DDP workers on the digits (uneven shards), tracked in MLflow.
+
+Few and small: each run is a 2-block ViT on 16x16 images for 2-3 epochs, on the session's one Ray.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipeline import tracking
+from pipeline.train.checkpoint import latest_checkpoint, load_checkpoint, load_model
+from pipeline.train.launcher import train
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
+
+
+def _runs(config) -> list:
+    client = MlflowClient(config.mlflow.tracking_uri)
+    experiment = client.get_experiment_by_name(config.mlflow.experiment)
+    return client.search_runs([experiment.experiment_id])
+
+
+def _artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= _artifacts(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+@torch.no_grad()
+def _top1_single_process(model, config) -> float:
+    """Top-1 (%) over the whole val split in one process: the reference for the ranks' reduced value."""
+    from pipeline.data.reader import build_loader
+    from pipeline.data.transforms import build_transform
+
+    loader = build_loader(config.data.val, batch_size=50, train=False, num_workers=0,
+                          transform=build_transform(config.data.img_size, train=False, in_chans=config.data.in_chans))
+    correct = total = 0
+    for images, labels in loader:
+        keep = labels >= 0
+        correct += (model(images[keep]).argmax(-1) == labels[keep]).sum().item()
+        total += keep.sum().item()
+    assert total == 150  # every val sample once: 10% of the 1,497 train+val digits, no padding counted
+    return 100.0 * correct / total
+
+
+def test_two_worker_run_on_uneven_shards_tracks_checkpoints_and_loads_without_ray(ray_local, tiny_config):
+    config = tiny_config(checkpoint__keep=1)
+    summary = train(config)
+
+    assert summary["status"] == "finished" and summary["epochs_done"] == 2
+    client = MlflowClient(config.mlflow.tracking_uri)
+    (run,) = _runs(config)
+    assert run.info.run_id == summary["mlflow_run_id"] and run.info.status == "FINISHED"
+    assert run.data.tags[tracking.TAG_STATUS] == "finished"
+    assert run.data.tags["mlflow.source.git.commit"]
+    # flattened config and the model's size as params
+    assert run.data.params["optim.lr"] == "0.003" and run.data.params["model.kwargs.depth"] == "2"
+    assert run.data.params["scaling.num_workers"] == "2" and int(run.data.params["model.params"]) > 0
+    # per-epoch metrics, one point per epoch, and system metrics sampled alongside
+    for key in ("train/loss", "val/loss", "val/top1", "val/top5", "train/images_per_s"):
+        assert _steps(client, run.info.run_id, key) == [1, 2], key
+    assert any(key.startswith("system/") for key in run.data.metrics)
+    loss = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)]
+    assert loss[1] < loss[0] - 0.05, f"train loss did not fall: {loss}"
+    artifacts = _artifacts(client, run.info.run_id)
+    assert {"config.yaml", "curves.png", "checkpoints/best/state.pt", "checkpoints/best/meta.json"} <= artifacts
+    (logged,) = client.search_logged_models([run.info.experiment_id])
+    assert logged.source_run_id == run.info.run_id and run.data.tags[tracking.TAG_FINAL_MODEL] == "pt2"
+
+    # Retention: best by val/top1 (keep=1) plus the latest, which resuming needs.
+    run_dir = Path(config.run_dir)
+    kept = sorted(p.name for p in run_dir.glob("checkpoint_epoch*"))
+    best_epoch = summary["best_epoch"]
+    assert kept == sorted({f"checkpoint_epoch{best_epoch:04d}", "checkpoint_epoch0002"})
+    assert latest_checkpoint(config.run_dir)[1]["epochs_done"] == 2
+
+    # The best checkpoint loads without Ray (weights_only) and reproduces the reported, rank-reduced top-1.
+    state = load_checkpoint(summary["best_checkpoint"])
+    assert state["epochs_done"] == best_epoch and state["mlflow_run_id"] == run.info.run_id
+    assert {"model", "optimizer", "scheduler", "scaler", "ema", "config", "metrics"} <= set(state)
+    model = load_model(summary["best_checkpoint"])
+    assert _top1_single_process(model, config) == pytest.approx(summary["best_metric"], abs=1e-9)
+
+
+def test_worker_failure_restarts_from_checkpoint_and_rerun_resumes_one_mlflow_run(ray_local, tiny_config, capfd):
+    # Rank 1 raises at the 3rd step of epoch 2 (global step 23, 21 steps per epoch): the group restarts
+    # from the epoch-1 checkpoint; the marker file keeps the fault from firing again.
+    config = tiny_config(max_failures=1, fault_injection={"rank": 1, "step": 23})
+    summary = train(config)
+    assert summary["status"] == "finished" and summary["epochs_done"] == 2
+    assert Path(config.run_dir, ".fault_injected").is_file()
+    assert "resuming after epoch 1" in capfd.readouterr().out
+
+    client = MlflowClient(config.mlflow.tracking_uri)
+    (run,) = _runs(config)
+    assert run.info.status == "FINISHED" and run.data.tags["vitpipe.resumed_from_epoch"] == "1"
+    assert _steps(client, run.info.run_id, "val/top1") == [1, 2]  # each epoch logged once
+
+    # Re-running the same name with more epochs resumes after epoch 2, into the same MLflow run.
+    more = tiny_config(max_failures=1, optim__epochs=3)
+    resumed = train(more)
+    assert resumed["epochs_done"] == 3 and resumed["mlflow_run_id"] == run.info.run_id
+    (run,) = _runs(config)
+    assert run.info.status == "FINISHED" and _steps(client, run.info.run_id, "val/top1") == [1, 2, 3]
+    assert load_checkpoint(latest_checkpoint(more.run_dir)[0])["global_step"] == 3 * 21
+
+    # And once more: nothing left to train; Ray is not even asked.
+    assert train(more)["status"] == "already_finished"
+    assert len(_runs(config)) == 1
