@@ -13,6 +13,15 @@ from pipeline.models.hierarchical import HierarchicalViT, window_region_ids
 
 pytestmark = pytest.mark.timeout(120)
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is as fast, and immune to a busy machine's scheduling."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 FACTORIES = ["vit_lsla_tiny", "vit_lsla_swin_t", "hier_msa_swin_t", "vit_lsla_nano", "hier_msa_nano",
              "vit_lsla_micro", "hier_msa_micro"]  # fmt: skip
 SMALL = [name for name in FACTORIES if name.endswith(("nano", "micro"))]

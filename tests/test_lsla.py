@@ -15,6 +15,15 @@ from pipeline.models.layers.window_msa import WindowMSA
 
 pytestmark = pytest.mark.timeout(120)
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is as fast, and immune to a busy machine's scheduling."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 C, HEADS, WINDOW = 16, 2, (4, 4)
 D = C // HEADS
 N = WINDOW[0] * WINDOW[1]
@@ -233,13 +242,15 @@ def test_bad_windows_are_named():
 
 
 def test_every_knob_combination_runs_forward_and_backward():
-    """kv x scale x ds_param x outer_bias x bias_sharing on a tiny backbone with shifted windows."""
+    """kv x scale x ds_param x outer_bias x bias_sharing on a tiny backbone with shifted windows.
+
+    ds_param only matters with a dynamic scale, bias_sharing only with an outer bias: 45 distinct models.
+    """
     torch.manual_seed(3)
     x = torch.randn(2, 3, 16, 16)
-    combos = itertools.product(
-        ["qxx", "qxv", "qkv"], ["dynamic", "fixed"], ["linear", "log"], [True, False], ["none", "tied", "heads", "stage"]
-    )
-    for kv, scale, ds_param, outer_bias, sharing in combos:
+    scales = [("dynamic", "linear"), ("dynamic", "log"), ("fixed", "linear")]
+    outers = [(True, "none"), (True, "tied"), (True, "heads"), (True, "stage"), (False, "none")]
+    for kv, (scale, ds_param), (outer_bias, sharing) in itertools.product(["qxx", "qxv", "qkv"], scales, outers):
         knobs = dict(kv=kv, scale=scale, ds_param=ds_param, outer_bias=outer_bias, bias_sharing=sharing)
         model = HierarchicalViT(
             img_size=16, num_classes=3, embed_dim=8, depths=(2, 2), num_heads=(1, 2), window_size=2,

@@ -192,13 +192,19 @@ class _LightSelfLimitedAttention(nn.Module):
         attn_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``A' = softmax(S ⊙ DS + B_i [+ attn_bias]) + B_o``; returns ``(A', logits)``. Tables broadcast."""
-        logits = torch.addcmul(inner, scores, ds) if ds is not None else scores + inner  # one fused pass
-        if attn_bias is not None:
-            logits = logits + attn_bias
+        inplace = not torch.is_grad_enabled()  # inference: reuse buffers, each (B, heads, N, N) costs
+        if inplace:
+            logits = scores.mul_(ds).add_(inner) if ds is not None else scores.add_(inner)
+            if attn_bias is not None:
+                logits.add_(attn_bias)
+        else:
+            logits = torch.addcmul(inner, scores, ds) if ds is not None else scores + inner  # one fused pass
+            if attn_bias is not None:
+                logits = logits + attn_bias
         # dropout acts on the softmax weights only, so B_o is never rescaled at random [ours]
         attn = self.attn_drop(logits.softmax(dim=-1))
         if outer is not None:
-            attn = attn + outer
+            attn = attn.add_(outer) if inplace else attn + outer
         return attn, logits
 
     def _output(self, attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
