@@ -318,3 +318,10 @@ def _status_with_host(port: int, host: str) -> int:
             return response.status
     except urllib.error.HTTPError as err:
         return err.code
+
+
+def test_cli_mlflow_server_refuses_a_wildcard_address(tmp_path, capsys):
+    argv = ["cluster", "mlflow-server", "--db", str(tmp_path / "m.db"), "--artifacts", "s3://bucket/mlflow",
+            "--private-address", "0.0.0.0", "--state-dir", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 1
+    assert "refusing to bind MLflow to 0.0.0.0: not a private address" in capsys.readouterr().err
