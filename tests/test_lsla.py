@@ -309,6 +309,13 @@ def test_global_lsla_shapes_index_and_values(prefix):
     torch.testing.assert_close(logits_b - logits_0, bias)  # attn_bias lands inside the softmax, once
 
 
+def test_global_lsla_stage_sharing():
+    shared = GlobalLSLA.stage_shared_params(HEADS, GRID, num_prefix_tokens=1, bias_sharing="stage")
+    a, b = (GlobalLSLA(C, HEADS, grid_size=GRID, bias_sharing="stage", **shared) for _ in range(2))
+    assert a.outer_bias_table is b.outer_bias_table and a.outer_bias_table.shape == (HEADS, 5 * 7 + 3)
+    assert GlobalLSLA.stage_shared_params(HEADS, GRID, bias_sharing="heads") == {}
+
+
 def test_global_lsla_rejects_wrong_token_count():
     attn = GlobalLSLA(C, HEADS, grid_size=GRID)
     with pytest.raises(ValueError, match="13 tokens"):

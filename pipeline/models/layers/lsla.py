@@ -284,8 +284,8 @@ class GlobalLSLA(_LightSelfLimitedAttention):
 
     ``GlobalLSLA(dim, num_heads, grid_size=(14, 14), num_prefix_tokens=1, **knobs)``. Tables have
     ``(2Gh-1)(2Gw-1)`` entries plus three for the prefix (class) tokens (see
-    ``global_relative_position_index``). ``stage`` sharing has no stage here: pass a ``(heads, entries)``
-    ``shared_outer_bias_table`` to tie blocks, or use another sharing mode.
+    ``global_relative_position_index``). A plain backbone is one stage: with ``bias_sharing="stage"`` it
+    makes the table once with ``stage_shared_params`` and hands it to every block.
     """
 
     has_logits = True
@@ -311,6 +311,16 @@ class GlobalLSLA(_LightSelfLimitedAttention):
         self.grid_size = grid_size
         self.num_prefix_tokens = num_prefix_tokens
         self.num_tokens = index.shape[0]
+
+    @staticmethod
+    def stage_shared_params(
+        num_heads: int, grid_size: tuple[int, int] | int, num_prefix_tokens: int = 1, **knobs
+    ) -> dict[str, nn.Parameter]:
+        """Parameters the backbone owns and hands to each block's attention (keyword -> parameter); may be empty."""
+        if knobs.get("bias_sharing", "none") != "stage" or not knobs.get("outer_bias", True):
+            return {}
+        _, num_relative = global_relative_position_index(to_2tuple(grid_size), num_prefix_tokens)
+        return {"shared_outer_bias_table": nn.Parameter(torch.zeros(num_heads, num_relative))}
 
     def forward(
         self, x: torch.Tensor, attn_bias: torch.Tensor | None = None, return_logits: bool = False
