@@ -201,6 +201,7 @@ class RunLogger:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         series = {title: {k: self.history(k) for k in keys} for title, keys in panels.items()}
         series = {t: {k: h for k, h in s.items() if h} for t, s in series.items()}
@@ -214,6 +215,7 @@ class RunLogger:
                 ax.plot(steps, values, marker="o" if len(steps) < 30 else None, label=key)
             ax.set_title(title)
             ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
         figure.tight_layout()

@@ -182,8 +182,9 @@ def test_fault_injection_fires_once_per_marker(tmp_path):
 
 def test_checkpoint_round_trip_without_ray(tmp_path):
     config = plain_config(data={"img_size": 16}, model={"kwargs": {"depth": 1, "embed_dim": 32}},
-                          optim={"ema": True})  # fmt: skip
+                          optim={"ema": True, "epochs": 2})  # fmt: skip
     state = _setup(config, CPU)
+    state.updates_per_epoch = 3
     state.scheduler = _scheduler(config, state.optimizer, updates_per_epoch=3)
     images, labels = torch.randn(4, 1, 16, 16), torch.randint(0, 5, (4,))
     train_one_epoch(state, ListLoader([(images, labels)] * 3), CPU, config, epoch=0, castling=False)
@@ -196,6 +197,7 @@ def test_checkpoint_round_trip_without_ray(tmp_path):
     assert json.loads((path.parent / "meta.json").read_text())["metrics"] == {"val/top1": 12.5}
 
     restored = _setup(config, CPU)
+    restored.updates_per_epoch = 3
     restored.scheduler = _scheduler(config, restored.optimizer, updates_per_epoch=3)
     restored.load(load_checkpoint(path.parent))
     for a, b in zip(state.model.state_dict().values(), restored.model.state_dict().values()):
@@ -204,6 +206,15 @@ def test_checkpoint_round_trip_without_ray(tmp_path):
     assert restored.global_step == 3
     for a, b in zip(state.ema.module.state_dict().values(), restored.ema.module.state_dict().values()):
         assert torch.equal(a, b)
+    # Resumed with another world size (6 steps per epoch): the same place in the schedule.
+    rescaled = _setup(config, CPU)
+    rescaled.updates_per_epoch = 6
+    rescaled.scheduler = _scheduler(config, rescaled.optimizer, updates_per_epoch=6)
+    rescaled.load(load_checkpoint(path.parent))
+    assert rescaled.global_step == 6
+    lr = state.optimizer.param_groups[0]["lr"]
+    assert rescaled.optimizer.param_groups[0]["lr"] == pytest.approx(lr)
+    assert config.optim.min_lr < lr < config.optim.lr  # mid-schedule: half way down the cosine
 
     model = load_model(path.parent).eval()
     state.model.eval()

@@ -203,6 +203,9 @@ def train(config: TrainConfig, *, new: bool = False, address: str | None = None)
     except TrainingFailedError as err:
         tracking.close_run(tracking_uri, run_id, "FAILED", f"failed: {str(err)[:2000]}")
         raise TrainingError(f"run {config.run_name!r} failed (after up to {config.max_failures} restarts): {err}") from err
+    except KeyboardInterrupt:
+        tracking.close_run(tracking_uri, run_id, "KILLED", "interrupted: run the same command to resume")
+        raise
     summary = dict(result.return_value or {})
     summary.setdefault("mlflow_run_id", run_id)
     summary["run_dir"] = config.run_dir

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,14 +92,15 @@ class State:
     scheduler: Any
     scaler: torch.amp.GradScaler
     ema: Any | None
+    updates_per_epoch: int = 0
     epochs_done: int = 0
     global_step: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
 
     def to_dict(self, config: TrainConfig, metrics: dict[str, float], run_id: str | None) -> dict[str, Any]:
         return {
             "epochs_done": self.epochs_done,
             "global_step": self.global_step,
+            "updates_per_epoch": self.updates_per_epoch,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -112,16 +113,20 @@ class State:
         }
 
     def load(self, saved: dict[str, Any]) -> None:
+        """Continue from a checkpoint; set ``updates_per_epoch`` (and the scheduler) for this run first."""
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
         self.scaler.load_state_dict(saved["scaler"])
         if self.ema is not None:
             if saved["ema"] is None:
                 raise ValueError("optim.ema is on but the checkpoint being resumed has no EMA weights")
             self.ema.module.load_state_dict(saved["ema"])
         self.epochs_done = saved["epochs_done"]
-        self.global_step = saved["global_step"]
+        if saved.get("updates_per_epoch") == self.updates_per_epoch:
+            self.scheduler.load_state_dict(saved["scheduler"])
+            self.global_step = saved["global_step"]
+        else:  # another world size or batch size: same place in the schedule, counted in this run's steps
+            self.global_step = self.epochs_done * self.updates_per_epoch
         self.scheduler.step_update(self.global_step)
 
 
@@ -248,6 +253,7 @@ def train_one_epoch(
     steps = len(loader)
     updates = math.ceil(steps / opt.accum_steps)
     total_updates = updates * opt.epochs
+    skipped_before = loader.skipped  # the reader counts over its lifetime
     window_loss = torch.zeros(2, dtype=torch.float64, device=d.device)  # [sum of losses, micro-steps]
     epoch_loss = torch.zeros(2, dtype=torch.float64)
     step_times: list[float] = []
@@ -328,7 +334,7 @@ def train_one_epoch(
                 if logger is not None:
                     logger.metrics({"train/loss_step": mean_loss, "train/lr_step": lr}, step=state.global_step)
     seconds = time.perf_counter() - start
-    skipped = d.sum(torch.tensor([float(loader.skipped)]))[0].item()
+    skipped = d.sum(torch.tensor([float(loader.skipped - skipped_before)]))[0].item()
     loss = epoch_loss[0].item() / max(epoch_loss[1].item(), 1)
     return EpochResult(loss, images_seen * d.world_size, seconds, step_times, skipped)
 
@@ -391,8 +397,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     state = _setup(config, d)
     train_loader = _loader(config, d, "train", train=True)
     val_loader = _loader(config, d, "val", train=False)
-    updates_per_epoch = math.ceil(len(train_loader) / config.optim.accum_steps)
-    state.scheduler = _scheduler(config, state.optimizer, updates_per_epoch)
+    state.updates_per_epoch = math.ceil(len(train_loader) / config.optim.accum_steps)
+    state.scheduler = _scheduler(config, state.optimizer, state.updates_per_epoch)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
