@@ -400,3 +400,37 @@ def test_registered_models_build_and_run():
     with torch.device("meta"):
         for name, published in [("castling_deit_tiny", 5.7e6), ("castling_deit_small", 22e6), ("castling_deit_base", 86e6)]:
             assert sum(p.numel() for p in timm.create_model(name).parameters()) == pytest.approx(published, rel=0.03)
+
+
+# ---------------------------------------------------------------- Castling in the hierarchical backbone
+
+
+def test_window_castling_with_the_backbones_region_ids_padding_included():
+    from pipeline.models.hierarchical import window_region_ids
+
+    region_ids = window_region_ids((6, 7), (4, 4), (2, 2))  # padded to 8 x 8: a padding region as well
+    attn = randomize(WindowCastlingAttention(16, 2, window_size=4, mask_eps=0.05), seed=2)
+    x = torch.randn(2 * region_ids.shape[0], 16, 16)
+    same = (region_ids[:, :, None] == region_ids[:, None, :]).repeat(2, 1, 1).unsqueeze(1)
+    expected, _ = reference_castling(attn, x, (4, 4), 0, True, same=same)
+    torch.testing.assert_close(attn(x, region_ids), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_castling_swin_models():
+    model = timm.create_model("castling_swin_nano")
+    x = torch.randn(2, 3, 32, 32)
+    with OpCounter() as ops:
+        model(x)
+    attns = castling_modules(model)
+    assert len(attns) == 8 and all(isinstance(m, WindowCastlingAttention) for _, m in attns)
+    assert ops.counts["_softmax"] == 8 and len(mask_densities(model)) == 8
+    mask_regularization(model).backward()
+    model.switch_to_inference().eval()
+    with OpCounter() as ops:
+        assert model(x).shape == (2, 10)
+    assert ops.attention_ops() == 0
+    # Swin-T layout: Castling swaps each block's (2*7-1)^2 relative-bias table for a 3x3 kernel, per head
+    with torch.device("meta"):
+        castling, msa = timm.create_model("castling_swin_t"), timm.create_model("hier_msa_swin_t")
+    heads = 2 * 3 + 2 * 6 + 6 * 12 + 2 * 24
+    assert sum(p.numel() for p in msa.parameters()) - sum(p.numel() for p in castling.parameters()) == heads * (169 - 9)

@@ -109,13 +109,13 @@ class _LinearAngularAttention(nn.Module):
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return qkv.contiguous().unbind(0)
 
-    def linear_attention(self, q: Tensor, k: Tensor, v: Tensor, regions: Tensor | None = None) -> Tensor:
-        """``2 (0.5 v + (1/pi) q̂ (k̂ᵀ v))`` (+ ``2 Sparse v`` in training form), not yet normalised.
+    def angular(self, q: Tensor, k: Tensor, v: Tensor, regions: Tensor | None = None) -> Tensor:
+        """``2 (0.5 v + (1/pi) q̂ (k̂ᵀ v))``, not yet normalised (the factor 2 saves a pass; the
+        normalisation that follows removes it).
 
-        The factor 2 saves a pass and is removed by the normalisation that follows. q, k, v:
-        (..., h, n, d). ``regions``: None, or a (..., 1, n, R) one-hot of each token's region; a token then
-        attends only to its region: ``q̂_i S_r(i)`` with per-region sums ``S_r = Σ_{j in r} k̂_jᵀ v_j``,
-        stacked as an (R*d, d) matrix and gathered back through the one-hot (still linear in n).
+        q, k, v: (..., h, n, d). ``regions``: None, or a (..., 1, n, R) one-hot of each token's region; a
+        token then attends only to its region: ``q̂_i S_r(i)`` with per-region sums ``S_r = Σ_{j in r} k̂_jᵀ v_j``,
+        stacked as an (R*d, d) matrix and gathered back through the one-hot (linear in n, R times the cost).
         """
         kn = k * (_inv_norm(k) * (2 / math.pi))  # k̂, with 2/pi folded into the per-token scale
         if regions is None:
@@ -126,10 +126,7 @@ class _LinearAngularAttention(nn.Module):
             qr = (q.unsqueeze(-2) * regions.unsqueeze(-1)).reshape(*lead, n, -1)
             y = qr @ (kr.transpose(-2, -1) @ v)
         # q̂ (k̂ᵀ v) = (q (k̂ᵀ v)) / ||q||: scale the product's rows rather than normalising q first
-        y = torch.addcmul(v, y, _inv_norm(q), out=None if torch.is_grad_enabled() else y)
-        if self.sparse_branch:
-            y = y.add_(self.sparse_attention(q, k, v, regions), alpha=2.0)
-        return y
+        return torch.addcmul(v, y, _inv_norm(q), out=None if torch.is_grad_enabled() else y)
 
     def sparse_attention(self, q: Tensor, k: Tensor, v: Tensor, regions: Tensor | None) -> Tensor:
         """``Sparse · v`` with ``Sparse = P ⊙ 1[P > eps]``; records the mask statistics while training."""
@@ -178,11 +175,13 @@ class _LinearAngularAttention(nn.Module):
         q, k, v = self.split_heads(x)
         if not torch.is_grad_enabled():
             return self.attend_tokens_in_place(q, k, v, grid, num_prefix)
-        y = self.linear_attention(q, k, v)
+        y = self.angular(q, k, v)
+        if self.sparse_branch:
+            y = y.add_(self.sparse_attention(q, k, v, None), alpha=2.0)
         return self.finish(y, self.conv(self.channel_major(v), grid, num_prefix))
 
     def attend_tokens_in_place(self, q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int], num_prefix: int) -> Tensor:
-        """``linear_attention`` + ``finish`` when nothing is kept for backward: the same math, computed
+        """``angular`` + branch + ``finish`` when nothing is kept for backward: the same math, computed
         inside the buffer that holds q, k, v. On CPU every fresh (B, N, C) temporary costs page faults
         and cache misses comparable to the attention's arithmetic; here only the conv output is new.
         """
@@ -191,7 +190,7 @@ class _LinearAngularAttention(nn.Module):
         q_scale = _inv_norm(q)
         kv = k.mul_(_inv_norm(k) * (2 / math.pi)).transpose(-2, -1) @ v  # k's buffer: k̂ (2/pi folded in)
         y = torch.matmul(q, kv, out=k)  # k's buffer: q k̂ᵀv
-        torch.addcmul(v, y, q_scale, out=y)  # 2 (0.5 v + (1/pi) q̂ k̂ᵀ v), as in linear_attention
+        torch.addcmul(v, y, q_scale, out=y)  # 2 (0.5 v + (1/pi) q̂ k̂ᵀ v), as in angular
         if branch is not None:
             y.add_(branch, alpha=2.0)
         v_cm = q.view(B, h, d, N).copy_(v.transpose(-2, -1)).view(B, h * d, N)  # q's buffer: channel-major v
@@ -261,9 +260,10 @@ class WindowCastlingAttention(_LinearAngularAttention):
     Under shifted windows (``region_ids`` given) a token meets only the tokens of its region, in the
     linear attention (per-region ``k̂ᵀ v`` sums), in the softmax branch (the matching mask) and in the
     depthwise conv (the conv of each region's tokens alone, so nothing leaks across the cyclic shift's
-    seams). The cost of that restriction is ``R`` times the unrestricted linear part, ``R`` the largest
-    number of regions in one window (4 for Swin's shift). Default conv: ``"grid"``, 3 x 3 [ours], 9 taps
-    like the release's kernel but along both axes of the window.
+    seams). Only the windows that span a seam pay for it (``R`` times the plain cost, ``R`` the most
+    regions in one window: 4 under Swin's shift); the others take the plain path. No relative position
+    bias: linear attention has no logits to add it to; the conv carries the position information.
+    Default conv: ``"grid"``, 3 x 3 [ours], 9 taps like the release's kernel but along both window axes.
     """
 
     def __init__(
@@ -285,10 +285,10 @@ class WindowCastlingAttention(_LinearAngularAttention):
         )
         self.window_size = self.grid_size
         self.window_area = self.grid_size[0] * self.grid_size[1]
-        self._regions_cache: tuple[Tensor, int, Tensor] | None = None
+        self._regions_cache: tuple[Tensor, int, tuple[Tensor, Tensor]] | None = None
 
-    def region_onehot(self, region_ids: Tensor) -> Tensor:
-        """(num_windows, N) region ids -> (num_windows, N, R) bool one-hot of window-local region indices.
+    def regions(self, region_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(num_windows, N) region ids -> (one-hot (num_windows, N, R) bool, indices of the windows with > 1 region).
 
         Region ids are renumbered within each window (0, 1, ...), so ``R`` is the most regions any one
         window has, not the number of ids in the map. Cached per ``region_ids`` tensor (backbones pass
@@ -300,28 +300,36 @@ class WindowCastlingAttention(_LinearAngularAttention):
         ids = region_ids - region_ids.min()
         present = F.one_hot(ids, int(ids.max()) + 1).amax(dim=1)  # (nW, G): which ids each window holds
         local = (present.cumsum(dim=-1) - 1).gather(1, ids)  # rank of the token's id among its window's ids
-        onehot = F.one_hot(local, int(present.sum(dim=-1).max())).bool()
-        self._regions_cache = (region_ids, region_ids._version, onehot)
-        return onehot
+        counts = present.sum(dim=-1)
+        result = F.one_hot(local, int(counts.max())).bool(), (counts > 1).nonzero().flatten()
+        self._regions_cache = (region_ids, region_ids._version, result)
+        return result
 
     def forward(self, x: Tensor, region_ids: Tensor | None = None) -> Tensor:
         num_windows = check_windows(x, self.window_area, region_ids)
-        regions = None if region_ids is None else self.region_onehot(region_ids)
-        if regions is None or regions.shape[-1] == 1:  # unshifted, or no window spans a seam
+        onehot, seamed = (None, None) if region_ids is None else self.regions(region_ids)
+        if seamed is None or seamed.numel() == 0:  # unshifted, or no window spans a seam
             return self.attend_tokens(x, self.window_size)
 
         q, k, v = self.split_heads(x)  # (B*nW, h, N, d)
         BW, h, N, d = q.shape
-        regions = regions.to(q.dtype)  # (nW, N, R)
+        onehot = onehot.to(q.dtype)  # (nW, N, R)
         q, k, v = (t.view(-1, num_windows, h, N, d) for t in (q, k, v))
-        y = self.linear_attention(q, k, v, regions.unsqueeze(1)).view(BW, h, N, d)  # one-hot also masks the branch
-        # Conv of each region alone: zero the other regions' tokens, convolve, keep the region's outputs.
-        R = regions.shape[-1]
-        masks = regions.permute(2, 0, 1)[:, None, :, None, :]  # (R, 1, nW, 1, N)
-        v_cm = self.channel_major(v.view(BW, h, N, d)).view(-1, num_windows, self.dim, N)
-        conv = self.conv((v_cm * masks).reshape(R * BW, self.dim, N), self.window_size)
-        conv = (conv.view(R, -1, num_windows, self.dim, N) * masks).sum(dim=0)
-        return self.finish(y, conv.view(BW, self.dim, N))
+        y = self.angular(q, k, v)
+        regions = onehot[seamed].unsqueeze(1)  # (nS, 1, N, R)
+        y[:, seamed] = self.angular(q[:, seamed], k[:, seamed], v[:, seamed], regions)
+        if self.sparse_branch:
+            y = y.add_(self.sparse_attention(q, k, v, onehot.unsqueeze(1)), alpha=2.0)
+
+        v_cm = self.channel_major(v.view(BW, h, N, d))  # (B*nW, C, N)
+        conv = self.conv(v_cm, self.window_size).view(-1, num_windows, self.dim, N)
+        # Seamed windows: the conv of each region alone (other regions' tokens zeroed), kept on that region.
+        R, nS = onehot.shape[-1], seamed.numel()
+        masks = regions.squeeze(1).permute(2, 0, 1)[:, None, :, None, :]  # (R, 1, nS, 1, N)
+        v_seamed = v_cm.view(-1, num_windows, self.dim, N)[:, seamed]
+        by_region = self.conv((v_seamed * masks).reshape(-1, self.dim, N), self.window_size)
+        conv[:, seamed] = (by_region.view(R, -1, nS, self.dim, N) * masks).sum(dim=0)
+        return self.finish(y.view(BW, h, N, d), conv.view(BW, self.dim, N))
 
 
 def castling_modules(model: nn.Module) -> list[tuple[str, _LinearAngularAttention]]:
