@@ -1,0 +1,229 @@
+"""The whole mission on one machine: shards, training, tuning, the registry, evaluation.
+
+``make demo`` runs ``python -m pipeline.demo --quick``: Fashion-MNIST (from Debian's
+``dataset-fashion-mnist``) becomes WebDataset shards; a local Ray with 2 CPU workers trains the small
+ViT-LSLA, Castling-ViT and DVT models and their ``msa`` twins; two small Ray Tune sweeps search LSLA's
+dynamic-scale initialisation and outer-bias sharing, and Castling's mask-regularisation strength;
+the LSLA sweep's best checkpoint is registered as ``champion`` in MLflow's registry and evaluated
+from there on the test split. Everything lands in one local MLflow store.
+
+Re-running is safe: shards that exist are reused, finished runs are not trained again, and a sweep
+that exists is resumed (``--new`` starts every run and sweep over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How much of everything one demo run does."""
+
+    train_images: int | None  # None: all 60,000 (54,000 train + 6,000 val)
+    test_images: int | None  # None: all 10,000
+    epochs: int
+    sweep_trials: int
+    sweep_epochs: int
+
+
+PROFILES = {
+    "quick": Profile(train_images=6_000, test_images=2_000, epochs=2, sweep_trials=3, sweep_epochs=2),
+    "full": Profile(train_images=None, test_images=None, epochs=10, sweep_trials=8, sweep_epochs=6),
+}
+
+# (registered name, model kwargs, method overrides): each family with its softmax twin.
+MODELS = [
+    ("vit_lsla_nano", {}, {}),
+    ("hier_msa_nano", {}, {}),
+    ("castling_vit_nano", {}, {"method.castling.mask_reg_strength": 1.0e-2}),
+    ("vit_msa_nano", {}, {}),
+    ("dvt_vit_nano", {}, {}),
+]
+
+# (space file, model the sweep trains, extra overrides)
+SWEEPS = [
+    ("tune_spaces/lsla.yaml", "vit_lsla_nano", {}),
+    ("tune_spaces/castling.yaml", "castling_vit_nano", {}),
+]
+
+
+def build_demo_shards(out_dir: Path, profile: Profile, source: Path = FASHION_MNIST) -> Path:
+    """Fashion-MNIST as shards, a seeded subset of it for the quick profile. Reused when already built."""
+    from pipeline.data.manifest import read_manifest
+    from pipeline.data.shards import write_dataset
+    from pipeline.data.sources import ArraySource, idx_source
+
+    if (out_dir / "train" / "manifest.json").exists():
+        manifest = read_manifest(out_dir)
+        print(f"[demo] reusing the shards in {out_dir}")
+        del manifest  # reading it checks that the shard set is whole
+        return out_dir
+    if not source.is_dir():
+        raise SystemExit(
+            f"[demo] {source} is missing: install Fashion-MNIST with "
+            "`sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist` (make demo does this)"
+        )
+    full = idx_source(source)
+    rng = np.random.default_rng(0)
+    limits = {"train": profile.train_images, "test": profile.test_images}
+    splits = {}
+    for split, (images, labels) in full.splits.items():
+        keep = limits.get(split)
+        if keep is not None and keep < len(labels):
+            index = np.sort(rng.permutation(len(labels))[:keep])
+            images, labels = images[index], labels[index]
+        splits[split] = (images, labels)
+    subset = ArraySource(splits, full.classes, name=full.name, format=full.format)
+    samples = sum(len(labels) for _, labels in splits.values())
+    print(f"[demo] building shards of {samples:,} Fashion-MNIST images in {out_dir}")
+    write_dataset(subset, out_dir, samples_per_shard=1_000 if profile.train_images else 5_000, val_fraction=0.1, seed=0)
+    return out_dir
+
+
+def _common_overrides(data_dir: Path, work: Path, tracking_uri: str, epochs: int) -> dict:
+    return {
+        "data.train": str(data_dir / "train"),
+        "data.val": str(data_dir / "val"),
+        "data.test": str(data_dir / "test"),
+        "storage_path": str(work / "runs"),
+        "mlflow.tracking_uri": tracking_uri,
+        "mlflow.experiment": "vitpipe-demo",
+        "optim.epochs": epochs,
+        "optim.warmup_epochs": 0,
+        "model.kwargs": {},
+    }
+
+
+def train_models(config_path: Path, data_dir: Path, work: Path, tracking_uri: str, profile: Profile,
+                 new: bool) -> list[dict]:  # fmt: skip
+    """Train every demo model once (or find it already trained); one row of results per model."""
+    from pipeline.train.launcher import prepare, train
+
+    rows = []
+    for name, kwargs, method in MODELS:
+        overrides = {**_common_overrides(data_dir, work, tracking_uri, profile.epochs), "model.name": name,
+                     "model.kwargs": kwargs, "run_name": f"demo-{name}", **method}  # fmt: skip
+        config = prepare(config_path, overrides)
+        print(f"\n[demo] === training {name} ({profile.epochs} epochs, {config.scaling.num_workers} workers) ===")
+        summary = train(config, new=new)
+        rows.append({"model": name, **_run_metrics(tracking_uri, summary["mlflow_run_id"])})
+    return rows
+
+
+def _run_metrics(tracking_uri: str, run_id: str) -> dict:
+    """What the results table shows of a run, read back from MLflow (so finished runs report too)."""
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking_uri).get_run(run_id)
+    metrics, params = run.data.metrics, run.data.params
+
+    def pick(key):
+        value = metrics.get(key)
+        return None if value is None else float(value)
+
+    return {
+        "run_id": run_id,
+        "params_m": float(params.get("model.params", "nan")) / 1e6,
+        "gmacs": float(params.get("model.macs", "nan")) / 1e9,
+        "val_top1": pick("val/top1"),  # the last epoch
+        "images_per_s": pick("train/images_per_s"),
+    }
+
+
+def run_sweeps(config_path: Path, data_dir: Path, work: Path, tracking_uri: str, profile: Profile,
+               new: bool) -> list:  # fmt: skip
+    from pipeline.train.launcher import prepare
+    from pipeline.tune.space import load_space
+    from pipeline.tune.sweep import run_sweep
+
+    results = []
+    for space_path, model, extra in SWEEPS:
+        space = load_space(REPO / space_path).with_overrides(num_samples=profile.sweep_trials)
+        overrides = {**_common_overrides(data_dir, work, tracking_uri, profile.sweep_epochs), "model.name": model,
+                     "run_name": f"demo-sweep-{model}", **extra}  # fmt: skip
+        config = prepare(config_path, overrides)
+        print(f"\n[demo] === sweep {space_path} on {model}: {profile.sweep_trials} trials x "
+              f"{profile.sweep_epochs} epochs ===")  # fmt: skip
+        result = run_sweep(space, config, new=new, register=True, model_name=f"demo-{model}")
+        print(result.table())
+        results.append(result)
+    return results
+
+
+def print_results(rows: list[dict], sweeps: list, evaluation, tracking_uri: str) -> None:
+    print("\n[demo] === results (Fashion-MNIST) ===")
+    print(f"{'model':<20} {'params (M)':>10} {'GMACs':>8} {'val top-1 %':>12} {'train img/s':>12}")
+    for r in rows:
+        top1 = f"{r['val_top1']:.2f}" if r["val_top1"] is not None else "-"
+        speed = f"{r['images_per_s']:.0f}" if r["images_per_s"] is not None else "-"
+        print(f"{r['model']:<20} {r['params_m']:>10.3f} {r['gmacs']:>8.4f} {top1:>12} {speed:>12}")
+    for result in sweeps:
+        best = result.best
+        if best is not None:
+            knobs = ", ".join(f"{k}={v}" for k, v in best.values.items())
+            print(f"sweep {result.name}: best {result.metric} = {best.best:.4f} ({knobs})")
+        if result.promotion is not None:
+            print(f"  registered: {result.promotion}")
+    if evaluation is not None:
+        print("\n[demo] champion evaluated from the registry:")
+        print(evaluation.summary())
+    store = tracking_uri
+    print(f"\n[demo] browse everything:  .venv/bin/mlflow ui --backend-store-uri {store} --port 5000")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", dest="profile", action="store_const", const="quick",
+                      help="6,000 training images, 2 epochs, 3-trial sweeps: a few minutes on 2 cores (default)")
+    size.add_argument("--full", dest="profile", action="store_const", const="full",
+                      help="all of Fashion-MNIST, 10 epochs, 8-trial sweeps")
+    parser.set_defaults(profile="quick")
+    parser.add_argument("--work-dir", default="demo", help="where shards, checkpoints and mlflow.db go")
+    parser.add_argument("--config", default=str(REPO / "configs" / "tiny_cpu.yaml"), help="the base training config")
+    parser.add_argument("--skip-sweeps", action="store_true", help="train and evaluate only")
+    parser.add_argument("--new", action="store_true", help="start every run and sweep over")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    profile = PROFILES[args.profile]
+    work = Path(args.work_dir).resolve() / args.profile
+    work.mkdir(parents=True, exist_ok=True)
+    tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
+    config_path = Path(args.config)
+
+    data_dir = build_demo_shards(work / "shards", profile)
+    import ray
+
+    ray.init(num_cpus=max(os.cpu_count() or 2, 3), include_dashboard=False)
+    try:
+        rows = train_models(config_path, data_dir, work, tracking_uri, profile, args.new)
+        sweeps = [] if args.skip_sweeps else run_sweeps(config_path, data_dir, work, tracking_uri, profile, args.new)
+    finally:
+        ray.shutdown()
+
+    evaluation = None
+    champion = next((s.promotion for s in sweeps if s.promotion is not None), None)
+    if champion is not None:
+        from pipeline.eval.evaluate import evaluate_model
+
+        evaluation = evaluate_model(champion.uri, data_dir, split="test", tracking_uri=tracking_uri,
+                                    out_dir=work / "champion-eval")  # fmt: skip
+    print_results(rows, sweeps, evaluation, tracking_uri)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
