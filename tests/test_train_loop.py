@@ -25,7 +25,16 @@ from pipeline.train.checkpoint import (
 )
 from pipeline.train.config import ConfigError, TrainConfig
 from pipeline.train.launcher import NonFiniteLossError, _resume_point, train
-from pipeline.train.loop import Dist, InjectedFault, State, _scheduler, _setup, evaluate, train_one_epoch
+from pipeline.train.loop import (
+    Dist,
+    InjectedFault,
+    State,
+    _scheduler,
+    _setup,
+    _train_loss,
+    evaluate,
+    train_one_epoch,
+)
 
 pytestmark = pytest.mark.timeout(180)
 CPU = Dist(rank=0, world_size=1, device=torch.device("cpu"))
@@ -79,6 +88,22 @@ def test_classification_loss_single_and_per_exit():
     assert torch.allclose(classification_loss(logits, soft, label_smoothing=0.3), F.cross_entropy(logits, soft))
     with pytest.raises(ConfigError, match="method.dvt.exit_weights"):
         classification_loss(logits, target, exit_weights=[1.0])
+
+
+def test_skipped_corrupt_rows_add_nothing_to_the_loss():
+    torch.manual_seed(3)
+    config = plain_config(data={"skip_corrupt": True})
+    logits = torch.randn(6, 5, requires_grad=True)
+    labels = torch.tensor([1, -1, 3, 0, -1, 4])
+    valid = labels != -1
+    loss = _train_loss(logits, labels.clamp(min=0), valid, config)
+    assert torch.allclose(loss, F.cross_entropy(logits[valid], labels[valid]))
+    exits = [torch.randn(6, 5) for _ in range(2)]
+    assert torch.allclose(_train_loss(exits, labels.clamp(min=0), valid, config),
+                          sum(F.cross_entropy(e[valid], labels[valid]) for e in exits))  # fmt: skip
+    nothing = _train_loss(logits, torch.zeros(6, dtype=torch.long), torch.zeros(6, dtype=torch.bool), config)
+    nothing.backward()
+    assert nothing.item() == 0.0 and torch.count_nonzero(logits.grad) == 0
 
 
 class LookupModel(nn.Module):

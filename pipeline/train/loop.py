@@ -232,6 +232,25 @@ def _mixup(config: TrainConfig):
     )  # fmt: skip
 
 
+def _train_loss(outputs: Tensor | list[Tensor], target: Tensor, valid: Tensor | None, config: TrainConfig) -> Tensor:
+    """The classification loss (DVT: over every exit); rows with ``valid`` False add nothing.
+
+    The batch keeps its shape (every rank runs the same forward), so dropped rows are masked out of
+    the loss rather than out of the batch.
+    """
+    def loss_of(out, tgt):
+        return classification_loss(out, tgt, label_smoothing=config.optim.label_smoothing,
+                                   exit_weights=config.method.dvt.exit_weights)  # fmt: skip
+
+    if valid is None or bool(valid.all()):
+        return loss_of(outputs, target)
+    exits = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    if not valid.any():  # keep the graph (DDP waits for every parameter's gradient), add nothing
+        return sum(o.sum() for o in exits) * 0.0
+    kept = [o[valid] for o in exits]
+    return loss_of(kept if isinstance(outputs, (list, tuple)) else kept[0], target[valid])
+
+
 def train_one_epoch(
     state: State, loader, d: Dist, config: TrainConfig, epoch: int, *, castling: bool, logger=None,
     fault_marker: str | None = None,
@@ -272,23 +291,15 @@ def train_one_epoch(
                 raise InjectedFault(f"injected fault: rank {d.rank} at global step {state.global_step}")
 
         images, labels = images.to(d.device, non_blocking=True), labels.to(d.device, non_blocking=True)
-        valid = labels != IGNORE_LABEL  # skipped corrupt samples: keep the batch shape, drop their loss
-        target = labels.clamp(min=0)
+        # Train batches hold label -1 only for corrupt samples skipped by the reader (skip_corrupt).
+        valid = (labels != IGNORE_LABEL) if config.data.skip_corrupt else None
+        target = labels.clamp(min=0) if valid is not None else labels
         if mixup is not None:
             images, target = mixup(images, target)
         sync = last_of_group or not hasattr(state.ddp, "no_sync")
         with contextlib.nullcontext() if sync else state.ddp.no_sync():
             with _autocast(config, d.device):
-                outputs = state.ddp(images)
-                if valid.all():
-                    loss = classification_loss(outputs, target, label_smoothing=opt.label_smoothing,
-                                               exit_weights=config.method.dvt.exit_weights)  # fmt: skip
-                else:
-                    kept = [o[valid] for o in outputs] if isinstance(outputs, (list, tuple)) else outputs[valid]
-                    loss = classification_loss(kept, target[valid], label_smoothing=opt.label_smoothing,
-                                               exit_weights=config.method.dvt.exit_weights)  # fmt: skip
-                    if not valid.any():  # keep the graph (DDP needs every parameter's grad), add nothing
-                        loss = sum(o.sum() for o in (outputs if isinstance(outputs, (list, tuple)) else [outputs])) * 0
+                loss = _train_loss(state.ddp(images), target, valid, config)
                 if regularise:
                     weight = mask_reg_weight(config.method.castling.mask_reg_strength,
                                              config.method.castling.mask_reg_schedule,
@@ -433,8 +444,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _train_epochs(state: State, config: TrainConfig, d: Dist, train_loader, val_loader, logger, castling) -> dict:
-    import ray.train
-
     fault_marker = f"{config.run_dir}/.fault_injected" if config.fault_injection is not None else None
     for epoch in range(state.epochs_done, config.optim.epochs):
         train_loader.set_epoch(epoch)
