@@ -17,6 +17,16 @@ from pipeline.models.vit import Attention, Block, VisionTransformer, global_atte
 SMALL = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=7)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one thread is faster than a pool, and a pool's spinning threads slow to a
+    crawl when the machine is shared (measured here: 130 s instead of 6 s for the regulariser test)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize(
     "ours, timm_name, published",
     [
