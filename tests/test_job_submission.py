@@ -30,7 +30,6 @@ VENV_BIN = Path(sys.executable).parent
 EXCLUDES = [".venv", ".git", "data", "runs", "mlruns", "mlflow.db", "ray_results", "benchmarks/results"]
 
 
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
