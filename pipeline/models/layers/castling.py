@@ -46,6 +46,12 @@ def _inv_norm(t: Tensor) -> Tensor:
     return torch.linalg.vector_norm(t, dim=-1, keepdim=True).clamp_min(1e-12).reciprocal()
 
 
+def _eager_without_autograd() -> bool:
+    """Intermediates may be overwritten in place: nothing is kept for backward and no graph is being
+    traced (export and compile want functional ops, no ``out=``)."""
+    return not (torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.compiler.is_exporting())
+
+
 class _LinearAngularAttention(nn.Module):
     """Projections, the attention core and the depthwise convolution shared by both contracts.
 
@@ -126,7 +132,7 @@ class _LinearAngularAttention(nn.Module):
             qr = (q.unsqueeze(-2) * regions.unsqueeze(-1)).reshape(*lead, n, -1)
             y = qr @ (kr.transpose(-2, -1) @ v)
         # q̂ (k̂ᵀ v) = (q (k̂ᵀ v)) / ||q||: scale the product's rows rather than normalising q first
-        return torch.addcmul(v, y, _inv_norm(q), out=None if torch.is_grad_enabled() else y)
+        return torch.addcmul(v, y, _inv_norm(q), out=y if _eager_without_autograd() else None)
 
     def sparse_attention(self, q: Tensor, k: Tensor, v: Tensor, regions: Tensor | None) -> Tensor:
         """``Sparse · v`` with ``Sparse = P ⊙ 1[P > eps]``; records the mask statistics while training."""
@@ -173,7 +179,7 @@ class _LinearAngularAttention(nn.Module):
     def attend_tokens(self, x: Tensor, grid: tuple[int, int], num_prefix: int = 0) -> Tensor:
         """The whole attention on (B, N, C) tokens, without region restriction: (B, N, C)."""
         q, k, v = self.split_heads(x)
-        if not torch.is_grad_enabled():
+        if _eager_without_autograd():
             return self.attend_tokens_in_place(q, k, v, grid, num_prefix)
         y = self.angular(q, k, v)
         if self.sparse_branch:
