@@ -169,6 +169,29 @@ def test_masked_attention_and_outer_bias_are_exactly_zero():
     torch.testing.assert_close(weights.sum(-1), expected)
 
 
+@pytest.mark.parametrize("cls", [WindowLSLA, WindowMSA])
+def test_cached_region_mask_follows_the_region_ids(cls):
+    torch.manual_seed(5)
+    attn = cls(C, HEADS, window_size=WINDOW)
+    randomize_tables(attn)
+    x = torch.randn(4, N, C)
+    ids, _ = shifted_region_ids()
+    with torch.inference_mode():
+        attn(x, ids)
+    attn(x, ids).sum().backward()  # a mask first built under inference mode serves a training step
+
+    def fresh(region_ids):  # the same module without a cache
+        twin = cls(C, HEADS, window_size=WINDOW)
+        twin.load_state_dict(attn.state_dict())
+        return twin(x, region_ids)
+
+    other = ids.flip(0)  # another tensor
+    torch.testing.assert_close(attn(x, other), fresh(other))
+    ids.copy_(ids.roll(1, dims=1))  # the same tensor, changed in place
+    torch.testing.assert_close(attn(x, ids), fresh(ids))
+    assert not torch.allclose(attn(x, ids), attn(x, other))
+
+
 def test_lsla_block_has_2c2_plus_2c_fewer_projection_parameters():
     def projections(attn):
         return sum(p.numel() for name, p in attn.named_parameters() if not name.endswith(("_table", "_gain")))

@@ -40,7 +40,7 @@ import torch
 from timm.layers import to_2tuple, trunc_normal_
 from torch import nn
 
-from .window_msa import check_heads, check_windows, relative_position_index, same_region
+from .window_msa import check_heads, check_windows, cross_region_mask, relative_position_index
 
 __all__ = ["WindowLSLA", "GlobalLSLA", "global_relative_position_index"]
 
@@ -178,7 +178,9 @@ class _LightSelfLimitedAttention(nn.Module):
         q = heads(self.q(x))
         if self.scale == "fixed":
             q = q * self.head_dim**-0.5  # on q (N d values) rather than on the N N scores
-        x_heads = heads(x)
+        if self.k is not None and self.v is not None:
+            return q, heads(self.k(x)), heads(self.v(x))
+        x_heads = heads(x).contiguous()  # one copy serves both products, instead of one inside each
         k = heads(self.k(x)) if self.k is not None else x_heads
         v = heads(self.v(x)) if self.v is not None else x_heads
         return q, k, v
@@ -266,10 +268,10 @@ class WindowLSLA(_LightSelfLimitedAttention):
         ds, inner, outer = self._tables()
         scores = q @ k.transpose(-2, -1)
         if region_ids is not None:
-            keep = same_region(region_ids).unsqueeze(1)  # (nW, 1, N, N)
-            inner = inner.masked_fill(~keep, float("-inf"))  # weight exactly 0 after the softmax
+            cross = cross_region_mask(self, region_ids)  # (nW, 1, N, N)
+            inner = inner.masked_fill(cross, float("-inf"))  # weight exactly 0 after the softmax
             if outer is not None:
-                outer = outer.masked_fill(~keep, 0.0)  # or B_o would leak the masked tokens back in
+                outer = outer.masked_fill(cross, 0.0)  # or B_o would leak the masked tokens back in
             scores = scores.view(-1, num_windows, self.num_heads, N, N)
         attn, _ = self._limited_softmax(scores, ds, inner, outer)
         return attn.view(B_, self.num_heads, N, N), v

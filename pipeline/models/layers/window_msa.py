@@ -1,19 +1,18 @@
 """Swin's window multi-head self-attention with a relative position bias: the ``msa`` window kind.
 
 Implements the window contract of ``pipeline.models.layers``: ``forward(x, region_ids=None)`` on
-``(B * num_windows, N, C)`` windows. Also home of the two helpers every softmax window kind shares:
-the relative position index of a window and the mask made from ``region_ids``.
+``(B * num_windows, N, C)`` windows. Also home of the helpers the window kinds share: the relative
+position index of a window, the (cached) mask made from ``region_ids`` and the input checks.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from timm.layers import to_2tuple, trunc_normal_
 from timm.models.swin_transformer import get_relative_position_index
 from torch import nn
 
-__all__ = ["WindowMSA", "relative_position_index", "same_region", "check_heads", "check_windows"]
+__all__ = ["WindowMSA", "relative_position_index", "same_region", "cross_region_mask", "check_heads", "check_windows"]
 
 
 def relative_position_index(window_size: tuple[int, int], device=None) -> torch.Tensor:
@@ -24,6 +23,21 @@ def relative_position_index(window_size: tuple[int, int], device=None) -> torch.
 def same_region(region_ids: torch.Tensor) -> torch.Tensor:
     """``(num_windows, N)`` region ids -> ``(num_windows, N, N)`` bool, True where query and key may meet."""
     return region_ids.unsqueeze(-1) == region_ids.unsqueeze(-2)
+
+
+def cross_region_mask(module: nn.Module, region_ids: torch.Tensor) -> torch.Tensor:
+    """``(num_windows, 1, N, N)`` bool, True where query and key lie in different regions.
+
+    Cached on ``module``: a backbone passes the same ``region_ids`` buffer at every call, so the mask
+    is rebuilt only when that tensor (or its contents) changes. Always built outside inference mode, so
+    a mask first made under ``torch.inference_mode`` still serves a training step.
+    """
+    cache = module.__dict__.get("_cross_region_cache")
+    if cache is None or cache[0] is not region_ids or cache[1] != region_ids._version:
+        with torch.inference_mode(False):
+            cache = (region_ids, region_ids._version, ~same_region(region_ids).unsqueeze(1))
+        module.__dict__["_cross_region_cache"] = cache
+    return cache[2]
 
 
 def check_heads(dim: int, num_heads: int) -> int:
@@ -78,7 +92,7 @@ class WindowMSA(nn.Module):
         self.relative_position_bias_table = nn.Parameter(torch.zeros(num_heads, num_relative))
         trunc_normal_(self.relative_position_bias_table, std=0.02)
         self.register_buffer("relative_position_index", relative_position_index(self.window_size), persistent=False)
-        self.attn_drop = attn_drop
+        self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
@@ -90,14 +104,15 @@ class WindowMSA(nn.Module):
         num_windows = check_windows(x, self.window_area, region_ids)
         B_, N, C = x.shape
         q, k, v = self.qkv(x).view(B_, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        # explicit softmax as timm's Swin runs it: on CPU it is faster than the fused kernel at N = 49
+        logits = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)
         bias = self.relative_position_bias()
         if region_ids is not None:
-            bias = bias.masked_fill(~same_region(region_ids).unsqueeze(1), float("-inf"))  # (nW, heads, N, N)
-            q, k, v = (t.view(-1, num_windows, self.num_heads, N, self.head_dim) for t in (q, k, v))
-        x = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.attn_drop if self.training else 0.0
-        )
-        x = x.reshape(B_, self.num_heads, N, self.head_dim).transpose(1, 2).reshape(B_, N, C)
+            bias = bias.masked_fill(cross_region_mask(self, region_ids), float("-inf"))  # (nW, heads, N, N)
+            logits = logits.view(-1, num_windows, self.num_heads, N, N)
+        logits = logits.add_(bias) if not torch.is_grad_enabled() else logits + bias
+        attn = self.attn_drop(logits.softmax(dim=-1)).view(B_, self.num_heads, N, N)
+        x = (attn @ v).transpose(1, 2).reshape(B_, N, C)
         return self.proj_drop(self.proj(x))
 
     def extra_repr(self) -> str:
