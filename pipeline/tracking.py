@@ -95,7 +95,7 @@ def open_run(
     *,
     params: Mapping[str, Any],
     tags: Mapping[str, str],
-    artifacts: Mapping[str, str] = {},
+    artifacts: Mapping[str, str] | None = None,
     resume_run_id: str | None = None,
 ) -> tuple[str, bool]:
     """The MLflow run for a training run: ``(run_id, resumed)``.
@@ -118,7 +118,7 @@ def open_run(
     run_id = run.info.run_id
     for chunk in _chunks([Param(k, _param_value(v)) for k, v in params.items()]):
         client.log_batch(run_id, params=chunk)
-    for name, text in artifacts.items():
+    for name, text in (artifacts or {}).items():
         client.log_text(run_id, text, name)
     return run_id, False
 
@@ -156,7 +156,8 @@ class RunLogger:
         mlflow.set_tracking_uri(self.tracking_uri)
         if self.system_metrics:
             mlflow.set_system_metrics_sampling_interval(self.system_metrics_interval_s)
-        mlflow.start_run(run_id=self.run_id, log_system_metrics=self.system_metrics)
+        mlflow.start_run(run_id=self.run_id, log_system_metrics=self.system_metrics)  # RUNNING again on a restart
+        self.tags({TAG_STATUS: "running"})
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -198,6 +198,10 @@ def train(config: TrainConfig, *, new: bool = False, address: str | None = None)
     from ray.train import TrainingFailedError
 
     trainer = build_trainer(config, mlflow_run_id=run_id)
+    scaling = config.scaling
+    if scaling.num_workers > 0:
+        print(f"[vitpipe] starting {scaling.num_workers} Ray Train worker(s), {scaling.cpus_per_worker:g} CPU"
+              f"{' + 1 GPU' if scaling.use_gpu else ''} each (on a cluster, the autoscaler may add nodes first)")
     try:
         result = trainer.fit()
     except TrainingFailedError as err:

@@ -216,6 +216,7 @@ class EpochResult:
     images: int
     seconds: float
     step_times: list[float]  # seconds per optimizer step, averaged over each logging window
+    cpu_seconds: float  # CPU time of this process (not of DataLoader workers) over the epoch
     skipped: float
     non_finite: bool = False
 
@@ -278,6 +279,7 @@ def train_one_epoch(
     step_times: list[float] = []
     images_seen = 0
     start = window_start = time.perf_counter()
+    cpu_start = time.process_time()
     window_updates = 0
     fault = config.fault_injection
 
@@ -329,7 +331,8 @@ def train_one_epoch(
             now = time.perf_counter()
             mean_loss = summed[0].item() / max(summed[1].item(), 1)
             if not math.isfinite(mean_loss):
-                return EpochResult(mean_loss, images_seen * d.world_size, now - start, step_times, 0.0, non_finite=True)
+                return EpochResult(mean_loss, images_seen * d.world_size, now - start, step_times,
+                                   time.process_time() - cpu_start, 0.0, non_finite=True)  # fmt: skip
             step_times.append((now - window_start) / window_updates)
             epoch_loss += summed
             window_loss.zero_()
@@ -347,7 +350,7 @@ def train_one_epoch(
     seconds = time.perf_counter() - start
     skipped = d.sum(torch.tensor([float(loader.skipped - skipped_before)]))[0].item()
     loss = epoch_loss[0].item() / max(epoch_loss[1].item(), 1)
-    return EpochResult(loss, images_seen * d.world_size, seconds, step_times, skipped)
+    return EpochResult(loss, images_seen * d.world_size, seconds, step_times, time.process_time() - cpu_start, skipped)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -461,6 +464,7 @@ def _train_epochs(state: State, config: TrainConfig, d: Dist, train_loader, val_
             "train/images_per_s": epoch_result.images / epoch_result.seconds,
             "train/epoch_time_s": epoch_result.seconds,
             "train/step_time_s": float(np.median(epoch_result.step_times)) if epoch_result.step_times else math.nan,
+            "train/step_cpu_s": epoch_result.cpu_seconds / max(state.updates_per_epoch, 1),
         }
         if config.data.skip_corrupt:
             metrics["data/skipped_corrupt"] = epoch_result.skipped
