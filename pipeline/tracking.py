@@ -211,12 +211,16 @@ class RunLogger:
             return False
         figure, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.5), squeeze=False)
         for ax, (title, lines) in zip(axes[0], series.items()):
+            epochs = sorted({step for points in lines.values() for step, _ in points})
             for key, points in lines.items():
                 steps, values = zip(*points)
                 ax.plot(steps, values, marker="o" if len(steps) < 30 else None, label=key)
             ax.set_title(title)
             ax.set_xlabel("epoch")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if len(epochs) <= 12:
+                ax.set_xticks(epochs)
+            else:
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
         figure.tight_layout()
