@@ -235,6 +235,23 @@ def indices(loader) -> list[int]:
     return list(itertools.chain.from_iterable(read_indices(loader)[0]))
 
 
+def test_local_reads_seek_with_the_manifest_offsets(indexed):
+    import tarfile
+
+    manifest = read_manifest(indexed)
+    for entry, url in zip(manifest.shards, manifest.shard_urls()):
+        with tarfile.open(url) as tar:
+            firsts = [m.offset for m in tar.getmembers() if m.name.endswith(".cls")]  # .cls sorts first
+        assert entry.offsets == tuple(firsts[::64])
+    # Seeking (local path) and streaming from the start (pipe:) read the very same samples.
+    plans = [p for r in range(3) for p in plan_epoch([s.num_samples for s in manifest.shards], batch_size=8,
+                                                     rank=r, world_size=3, num_workers=2, seed=4)]  # fmt: skip
+    assert any(seg.start >= 64 for p in plans for seg in p.segments)  # the seek path is taken
+    for rank in range(3):
+        kw = dict(batch_size=8, rank=rank, world_size=3, seed=4, num_workers=2)
+        assert indices(build_loader(indexed, **kw)) == indices(build_loader(f"pipe:cat {indexed}/{{name}}", **kw))
+
+
 def test_file_and_pipe_urls_and_an_explicit_url_list(indexed):
     local = indices(build_loader(indexed, batch_size=20, seed=1, num_workers=0))
     assert indices(build_loader(f"file://{indexed}", batch_size=20, seed=1, num_workers=0)) == local
@@ -347,3 +364,15 @@ def test_read_manifest_describes_the_dataset(digits_copy):
     train = read_manifest(digits_copy / "train")
     assert train.num_samples == 1347 and len(train.shards) == 14
     assert sum(train.class_counts) == 1347 and train.image.formats == {"png": 1347}
+
+
+def test_split_locations_resolve_to_shard_urls():
+    from pipeline.data.manifest import location_template, shard_url
+
+    assert shard_url(location_template("gs://bucket/fmnist/train/"), "train-000000.tar") == (
+        "gs://bucket/fmnist/train/train-000000.tar"
+    )
+    assert shard_url(location_template("https://host/d/val"), "manifest.json") == "https://host/d/val/manifest.json"
+    s3 = "pipe:aws s3 cp s3://bucket/fmnist/test/{name} -"
+    assert shard_url(location_template(s3), "test-000003.tar") == "pipe:aws s3 cp s3://bucket/fmnist/test/test-000003.tar -"
+    assert shard_url(location_template("/data/{x}/train"), "a.tar") == "/data/{x}/train/a.tar"  # braces in paths

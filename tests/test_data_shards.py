@@ -301,6 +301,11 @@ def test_verify_clean_then_names_corrupt_sample_truncated_shard_and_missing_shar
     assert "val/val-000001.tar: shard file is missing" in text
     assert not any("train-000000" in str(p) for p in report.problems)
 
+    manifest = json.loads((root / "train" / "manifest.json").read_text())
+    manifest["shards"][1]["offsets"][2] += 512  # would send a seeking reader to the wrong place
+    (root / "train" / "manifest.json").write_text(json.dumps(manifest))
+    assert "train/train-000001.tar: sample byte offsets differ" in str(verify_shards(root, progress=False))
+
 
 def test_cli_build_inspect_verify(tmp_path, digits, capsys):
     src = tmp_path / "src"

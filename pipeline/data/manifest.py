@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "val", "test")
 FORMAT_VERSION = 1
+OFFSET_STRIDE = 64
 NAME_PLACEHOLDER = "{name}"
 
 
@@ -36,6 +37,9 @@ class ShardEntry:
     num_samples: int
     sha256: str
     num_bytes: int
+    # Byte offset in the tar of samples 0, OFFSET_STRIDE, 2 * OFFSET_STRIDE, ...: a reader whose range
+    # starts mid-shard seeks there in a local file instead of parsing every sample before its range.
+    offsets: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,7 @@ class SplitManifest:
             image = record.pop("image")
             manifest = cls(
                 classes=tuple(record.pop("classes")),
-                shards=tuple(ShardEntry(**s) for s in record.pop("shards")),
+                shards=tuple(ShardEntry(**{**s, "offsets": tuple(s.get("offsets", ()))}) for s in record.pop("shards")),
                 class_counts=tuple(record.pop("class_counts")),
                 image=ImageStats(
                     modes=image["modes"],

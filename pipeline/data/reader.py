@@ -11,11 +11,12 @@ rarely all the same size. The partition (``plan_epoch``):
   which the training loop ignores, so metrics over all ranks are exact.
 
 A rank's range is split across its DataLoader workers the same way, a whole number of batches each, so
-workers batch and collate themselves. A worker reads only the shards its range overlaps, skipping the
-samples of a shard before its range, then shuffles (train) through a buffer of raw samples, decodes with
-PIL and applies the transform. Corrupt samples raise an error naming shard and key; with
-``skip_corrupt=True`` they become label ``-1`` rows instead (batch counts stay equal) and are counted in
-``ShardLoader.skipped``.
+workers batch and collate themselves. A worker reads only the shards its range overlaps; in a local
+shard it seeks close to its range with the byte offsets the manifest keeps (a remote stream is read
+from its start and the samples before the range passed over undecoded). It shuffles (train) through a
+buffer of raw samples, decodes with PIL and applies the transform. Corrupt samples raise an error
+naming shard and key; with ``skip_corrupt=True`` they become label ``-1`` rows instead (batch counts
+stay equal) and are counted in ``ShardLoader.skipped``.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from torchvision.transforms.functional import pil_to_tensor
 
 from .manifest import (
+    OFFSET_STRIDE,
     DatasetManifest,
     ManifestError,
     SplitManifest,
@@ -161,8 +163,11 @@ class _EpochStream(IterableDataset):
     def _read(self, segments: Sequence[Segment]) -> Iterator[dict]:
         for segment in segments:
             entry, url = self.manifest.shards[segment.shard], self.urls[segment.shard]
-            position = 0
-            samples = iter_shard(url)
+            position, offset = 0, 0
+            jump = min(segment.start // OFFSET_STRIDE, len(entry.offsets) - 1)
+            if jump > 0 and is_local(url):  # seek near the range instead of parsing the samples before it
+                position, offset = jump * OFFSET_STRIDE, entry.offsets[jump]
+            samples = iter_shard(url, offset)
             for sample in samples:
                 if position >= segment.start:
                     yield sample
@@ -211,7 +216,7 @@ class _EpochStream(IterableDataset):
             like = self._blank_image()
         padded = [x if x is not None else torch.zeros_like(like) for x in images]
         try:
-            return torch.stack(padded)
+            return default_collate(padded)  # in a worker it stacks straight into shared memory: no extra copy
         except RuntimeError as exc:
             shapes = sorted({tuple(x.shape) for x in padded})
             raise ValueError(

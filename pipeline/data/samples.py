@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 from PIL import Image
 
-from .manifest import ManifestError
+from .manifest import ManifestError, local_path
 
 IMAGE_EXTS = frozenset({"png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm"})
 LABEL_EXT = "cls"
@@ -42,16 +42,21 @@ def sample_members(key: str, ext: str, data: bytes, label: int) -> dict:
     return {"__key__": key, ext: data, LABEL_EXT: str(label).encode()}
 
 
-def iter_shard(url: str) -> Iterator[dict]:
+def iter_shard(url: str, offset: int = 0) -> Iterator[dict]:
     """The samples of one shard, as dicts of raw bytes with ``__key__`` and ``__url__``.
 
+    ``offset``: start at this byte offset, a sample boundary from the manifest (local files only).
     Raises ShardError naming the shard (and the last good key) when it cannot be opened or read.
     """
     from webdataset import tariterators
     from webdataset.gopen import gopen
 
     try:
-        stream = gopen(url, "rb")
+        if offset:
+            stream = open(local_path(url), "rb")
+            stream.seek(offset)
+        else:
+            stream = gopen(url, "rb")
     except Exception as exc:
         raise ShardError(f"shard {url}: cannot open ({type(exc).__name__}: {exc})") from exc
     last_key = None

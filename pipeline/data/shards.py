@@ -6,6 +6,7 @@ import hashlib
 import io
 import itertools
 import os
+import tarfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from tqdm import tqdm
 
 from .manifest import (
     MANIFEST_NAME,
+    OFFSET_STRIDE,
     SPLITS,
     DatasetManifest,
     ManifestError,
@@ -162,7 +164,7 @@ class _SplitWriter:
             self._name = f"{self.split}-{len(self.shards):06d}.tar"
             self._file = _HashingFile(self.split_dir / self._name)
             self._tar = TarWriter(self._file, encoder=False, mtime=_TAR_MTIME)
-            self._room, self._count = next(self.shard_sizes), 0
+            self._room, self._count, self._offsets = next(self.shard_sizes), 0, []
         mode, size = example.mode, example.size
         if mode is None or size is None:
             with Image.open(io.BytesIO(example.data)) as img:  # header only: mode and size for the statistics
@@ -172,6 +174,8 @@ class _SplitWriter:
         self.height.add(size[1])
         self.formats[example.ext] += 1
         self.class_counts[example.label] += 1
+        if self._count % OFFSET_STRIDE == 0:
+            self._offsets.append(self._tar.tarstream.offset)  # where this sample's first member header starts
         self._tar.write(sample_members(key, example.ext, example.data, example.label))
         self._room -= 1
         self._count += 1
@@ -181,7 +185,8 @@ class _SplitWriter:
             return
         self._tar.close()
         self._file.close()
-        self.shards.append(ShardEntry(self._name, self._count, self._file.sha256.hexdigest(), self._file.num_bytes))
+        digest = self._file.sha256.hexdigest()
+        self.shards.append(ShardEntry(self._name, self._count, digest, self._file.num_bytes, tuple(self._offsets)))
         self._tar = None
 
     def close(self, *, source: str, source_format: str, seed: int) -> SplitManifest:
@@ -310,6 +315,20 @@ def _verify_shard(split_dir: Path, entry: ShardEntry, num_classes: int, keys: se
         report.problems.append(Problem(where, str(exc)))
     if count != entry.num_samples:
         report.problems.append(Problem(where, f"holds {count} samples, the manifest says {entry.num_samples}"))
+    elif entry.offsets and entry.offsets != _sample_offsets(path):
+        report.problems.append(Problem(where, "sample byte offsets differ from the manifest's"))
+
+
+def _sample_offsets(path: Path) -> tuple[int, ...]:
+    """Where every OFFSET_STRIDE-th sample's first member starts, found by tarfile itself."""
+    starts, last_key = [], None
+    with tarfile.open(path) as tar:
+        for member in tar:
+            key = member.name.split(".", 1)[0]
+            if key != last_key:
+                starts.append(member.offset)
+                last_key = key
+    return tuple(starts[::OFFSET_STRIDE])
 
 
 def _file_digest(path: Path) -> tuple[str, int]:
