@@ -152,6 +152,8 @@ def test_window_lsla_matches_einsum_reference(knobs):
     ids, same = shifted_region_ids(batch_images=2)
     torch.testing.assert_close(attn(x), reference_lsla(x, attn), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(attn(x, ids), reference_lsla(x, attn, same), rtol=1e-4, atol=1e-5)
+    with torch.inference_mode():  # the in-place path
+        torch.testing.assert_close(attn(x, ids), reference_lsla(x, attn, same), rtol=1e-4, atol=1e-5)
 
 
 def test_masked_attention_and_outer_bias_are_exactly_zero():
@@ -330,6 +332,10 @@ def test_global_lsla_shapes_index_and_values(prefix):
     torch.testing.assert_close(out_b, reference_lsla(x, attn, logits_bias=bias), rtol=1e-4, atol=1e-5)
     _, logits_0 = attn(x, return_logits=True)
     torch.testing.assert_close(logits_b - logits_0, bias)  # attn_bias lands inside the softmax, once
+    with torch.no_grad():  # the in-place path
+        out_n, logits_n = attn(x, attn_bias=bias, return_logits=True)
+    torch.testing.assert_close(out_n, out_b)
+    torch.testing.assert_close(logits_n, logits_b)
 
 
 def test_global_lsla_stage_sharing():

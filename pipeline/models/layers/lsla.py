@@ -196,7 +196,7 @@ class _LightSelfLimitedAttention(nn.Module):
         """``A' = softmax(S ⊙ DS + B_i [+ attn_bias]) + B_o``; returns ``(A', logits)``. Tables broadcast."""
         inplace = not torch.is_grad_enabled()  # inference: reuse buffers, each (B, heads, N, N) costs
         if inplace:
-            logits = scores.mul_(ds).add_(inner) if ds is not None else scores.add_(inner)
+            logits = torch.addcmul(inner, scores, ds, out=scores) if ds is not None else scores.add_(inner)
             if attn_bias is not None:
                 logits.add_(attn_bias)
         else:
