@@ -1,0 +1,181 @@
+"""ViT-LSLA against Swin-T: parameters, GMACs and CPU throughput, measured side by side in one run.
+
+    python -m benchmarks.bench_lsla                    # all three groups below, a few minutes of CPU time
+    python -m benchmarks.bench_lsla --quick            # 3 rounds instead of 6
+    python -m benchmarks.bench_lsla --only attention   # one group: 224, nano or attention
+
+Groups:
+    224        timm's Swin-T, hier_msa_swin_t, vit_lsla_swin_t, vit_lsla_tiny at 224x224 (102 classes)
+    nano       hier_msa_nano and vit_lsla_nano at 32x32
+    attention  the window attention modules alone at Swin-T's four stage shapes (batch 4): MSA, LSLA,
+               and LSA (LSLA without DS and B_o: keys and values X, fixed scale), to show where time goes
+
+Each group is timed round-robin (one step of every entry, then the next round), so load from other
+processes hits all alike. Training is forward + backward (+ SGD step for models); inference is forward
+under ``torch.inference_mode`` (models in eval mode). Ratios are against the group's reference. The
+target is that LSLA keeps its MAC advantage in time: throughput ratio >= 0.95 x MAC advantage
+(reference MACs / model MACs). ``GMAC/s`` is the inference MAC rate: how well a model's MACs run.
+
+Clock: by default one intra-op thread and this process's CPU time, best round of each entry. On a
+shared machine wall-clock time mostly measures the other processes (waiting for a core counts, and
+multi-threaded kernels wait for their slowest thread); the CPU time of a single thread is the time the
+model's own work takes, so an idle core runs at the throughput shown. ``--clock wall --threads N``
+measures wall-clock time instead (median round), the right choice on an idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import timm
+import torch
+
+import pipeline.models  # noqa: F401  (registers the factories)
+from pipeline.models.counting import count_macs, count_params
+from pipeline.models.hierarchical import window_region_ids
+from pipeline.models.layers.lsla import WindowLSLA
+from pipeline.models.layers.window_msa import WindowMSA
+
+MODEL_GROUPS = {
+    "224": dict(
+        img_size=224,
+        batch=4,
+        reference="swin_tiny_patch4_window7_224",
+        models=["swin_tiny_patch4_window7_224", "hier_msa_swin_t", "vit_lsla_swin_t", "vit_lsla_tiny"],
+    ),
+    "nano": dict(img_size=32, batch=64, reference="hier_msa_nano", models=["hier_msa_nano", "vit_lsla_nano"]),
+}
+SWIN_T_STAGES = [(96, 3, 56), (192, 6, 28), (384, 12, 14), (768, 24, 7)]  # channels, heads, map side
+ATTENTION_KINDS = {
+    "msa": lambda dim, heads: WindowMSA(dim, heads, window_size=7),
+    "lsla": lambda dim, heads: WindowLSLA(dim, heads, window_size=7),
+    "lsa": lambda dim, heads: WindowLSLA(dim, heads, window_size=7, scale="fixed", outer_bias=False),
+}
+
+
+@dataclass
+class Entry:
+    """One timed thing: its two steps and the measured seconds per step."""
+
+    name: str
+    train: Callable[[], None]
+    infer: Callable[[], None]
+    params: int = 0
+    macs: int = 0
+    train_s: list[float] = field(default_factory=list)
+    infer_s: list[float] = field(default_factory=list)
+
+
+def time_round_robin(entries: list[Entry], reps: int, warmup: int, clock: Callable[[], float]) -> None:
+    for rep in range(warmup + reps):
+        for entry in entries:
+            for step, record in ((entry.train, entry.train_s), (entry.infer, entry.infer_s)):
+                start = clock()
+                step()
+                if rep >= warmup:
+                    record.append(clock() - start)
+
+
+def model_entry(name: str, img_size: int, batch: int, num_classes: int) -> Entry:
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=img_size)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.randn(batch, 3, img_size, img_size)
+    y = torch.randint(0, num_classes, (batch,))
+
+    def train() -> None:
+        model.train()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def infer() -> None:
+        model.eval()
+        with torch.inference_mode():
+            model(x)
+
+    with torch.device("meta"):  # counted from shapes alone: no compute, same figures
+        shadow = timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=img_size).eval()
+        macs = count_macs(shadow, torch.empty(1, 3, img_size, img_size))
+    return Entry(name, train, infer, count_params(model), macs)
+
+
+def attention_entry(kind: str, dim: int, heads: int, side: int, batch: int) -> Entry:
+    attn = ATTENTION_KINDS[kind](dim, heads)
+    shift = (3, 3) if side > 7 else (0, 0)  # the last stage is one window: no shift
+    region_ids = window_region_ids((side, side), (7, 7), shift)
+    x = torch.randn(batch * (side // 7) ** 2, 49, dim, requires_grad=True)
+
+    def train() -> None:
+        attn(x, region_ids).sum().backward()
+
+    def infer() -> None:
+        with torch.inference_mode():
+            attn(x, region_ids)
+
+    macs = count_macs(attn, (x[: (side // 7) ** 2].detach(), region_ids))  # one image's windows
+    return Entry(f"{kind} C={dim} h={heads} {side}x{side}", train, infer, count_params(attn), macs)
+
+
+def print_table(title: str, entries: list[Entry], reference: Entry, batch: int, pick) -> None:
+    """One row per entry; MACs are per image, rates in images/s."""
+    def rate(e: Entry, kind: str) -> float:
+        return batch / pick(e.train_s if kind == "train" else e.infer_s)
+
+    print(f"\n{title}; ratios against {reference.name}")
+    header = (f"{'':32s} {'params':>8s} {'GMACs':>7s} {'train/s':>8s} {'infer/s':>8s} {'GMAC/s':>7s} "
+              f"{'MAC adv':>8s} {'train x':>8s} {'infer x':>8s}  target (x >= 0.95 MAC adv)")  # fmt: skip
+    print(header + "\n" + "-" * len(header))
+    for e in entries:
+        advantage = reference.macs / e.macs
+        train_x, infer_x = rate(e, "train") / rate(reference, "train"), rate(e, "infer") / rate(reference, "infer")
+        verdict = "" if e is reference else "  ".join(
+            f"{kind} {'ok' if ratio >= 0.95 * advantage else 'MISS'}" for kind, ratio in (("train", train_x), ("infer", infer_x))
+        )  # fmt: skip
+        print(f"{e.name:32s} {e.params / 1e6:7.2f}M {e.macs / 1e9:7.3f} {rate(e, 'train'):8.2f} {rate(e, 'infer'):8.2f} "
+              f"{e.macs * rate(e, 'infer') / 1e9:7.1f} {advantage:8.3f} {train_x:8.3f} {infer_x:8.3f}  {verdict}")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=[*MODEL_GROUPS, "attention"], help="run one group only")
+    parser.add_argument("--reps", type=int, default=6, help="timed rounds per group")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="3 timed rounds")
+    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="process CPU time or wall clock")
+    parser.add_argument("--threads", type=int, help="intra-op threads (default: 1 for cpu, torch's for wall)")
+    parser.add_argument("--num-classes", type=int, default=102, help="head size (IP102 has 102 classes)")
+    args = parser.parse_args()
+    threads = args.threads or (1 if args.clock == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    pick = min if args.clock == "cpu" else statistics.median
+    reps = 3 if args.quick else args.reps
+    how = (f"{torch.get_num_threads()} thread(s), {args.clock} clock, "
+           f"{'best' if pick is min else 'median'} of {reps} rounds")  # fmt: skip
+    torch.manual_seed(0)
+
+    for name in [args.only] if args.only in MODEL_GROUPS else [] if args.only else list(MODEL_GROUPS):
+        group = MODEL_GROUPS[name]
+        size, batch = group["img_size"], group["batch"]
+        entries = [model_entry(model, size, batch, args.num_classes) for model in group["models"]]
+        time_round_robin(entries, reps, args.warmup, clock)
+        reference = next(e for e in entries if e.name == group["reference"])
+        print_table(f"{size}x{size}, batch {batch}, {how}", entries, reference, batch, pick)
+
+    if args.only in (None, "attention"):
+        batch = 4
+        for dim, heads, side in SWIN_T_STAGES:
+            entries = [attention_entry(kind, dim, heads, side, batch) for kind in ATTENTION_KINDS]
+            time_round_robin(entries, reps, args.warmup, clock)
+            print_table(f"window attention alone, Swin-T stage {side}x{side}, batch {batch}, {how} (images/s)",
+                        entries, entries[0], batch, pick)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
