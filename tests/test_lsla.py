@@ -246,6 +246,7 @@ def test_bias_sharing_layouts():
         ({"ds_param": "exp"}, "ds_param="),
         ({"ds_init_unit": "sqrt_d"}, "ds_init_unit="),
         ({"bias_sharing": "blocks"}, "bias_sharing="),
+        ({"bias_sharing": "blocks", "outer_bias": False}, "bias_sharing="),
         ({"ds_init": "1/sqrt(d)"}, "ds_init must be a finite number"),
         ({"ds_init": -1.0, "ds_param": "log"}, "positive ds_init"),
         ({"bias_sharing": "stage"}, "shared_outer_bias_table"),

@@ -112,7 +112,8 @@ class _LightSelfLimitedAttention(nn.Module):
         self.scale = _choice("scale", scale, SCALE_MODES)
         self.ds_param = _choice("ds_param", ds_param, DS_PARAMS)
         _choice("ds_init_unit", ds_init_unit, DS_INIT_UNITS)
-        self.bias_sharing = _choice("bias_sharing", bias_sharing, BIAS_SHARING) if outer_bias else "none"
+        sharing = _choice("bias_sharing", bias_sharing, BIAS_SHARING)
+        self.bias_sharing = sharing if outer_bias else "none"  # nothing to share without an outer bias
         self.outer_bias = bool(outer_bias)
         if not isinstance(ds_init, Real) or isinstance(ds_init, bool) or not math.isfinite(ds_init):
             raise ValueError(f"LSLA: ds_init must be a finite number, got {ds_init!r}")
