@@ -36,7 +36,10 @@ def castling_deit_base(pretrained: bool = False, **kwargs) -> VisionTransformer:
 
 @register_model
 def castling_vit_nano(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """CPU-sized Castling ViT: 32x32 images, 4x4 patches (64 tokens), D=128, 6 blocks, 4 heads (twin: ``vit_msa_nano``)."""
+    """CPU-sized Castling ViT: 32x32 images, 4x4 patches (64 tokens), D=128, 6 blocks, 4 heads.
+
+    Its softmax twin, same size, is ``vit_msa_nano``.
+    """
     defaults = dict(img_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0, attn="castling")
     return create_vit("castling_vit_nano", pretrained, defaults=defaults, **kwargs)
 

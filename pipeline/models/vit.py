@@ -199,7 +199,9 @@ class VisionTransformer(nn.Module):
         self.attn_kind = attn
 
         if tokenizer is None:
-            self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
+            self.patch_embed = PatchEmbed(
+                img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim
+            )
             grid = tuple(self.patch_embed.grid_size)
         else:
             if grid_size is None:

@@ -381,7 +381,9 @@ def mask_densities(model: nn.Module) -> dict[str, float]:
 MASK_REG_SCHEDULES = ("constant", "linear")
 
 
-def mask_reg_weight(strength: float, schedule: str = "constant", progress: float = 0.0, ramp_share: float = 0.5) -> float:
+def mask_reg_weight(
+    strength: float, schedule: str = "constant", progress: float = 0.0, ramp_share: float = 0.5
+) -> float:
     """Weight of the mask regulariser at ``progress`` (0..1, share of training done).
 
     ``constant``: ``strength`` throughout. ``linear`` [ours]: rises from 0 to ``strength`` over the first
