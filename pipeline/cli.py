@@ -94,6 +94,73 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _add_tune_commands(sub: argparse._SubParsersAction) -> None:
     """`vitpipe tune`, `vitpipe registry`, `vitpipe evaluate`: search and the model registry."""
+    from pipeline.tune.cli import add_tune_arguments  # light: argparse only
+
+    tune = sub.add_parser("tune", help="search hyper-parameters on Ray Tune (each trial a Ray Train run); "
+                          "register the best checkpoint", description="Search a YAML space with Ray Tune: each "
+                          "trial is a multi-worker Ray Train run, poor trials are stopped early, the best "
+                          "checkpoint is registered in MLflow with the alias 'champion'. Resumes an interrupted "
+                          "sweep of the same name unless --new is given.")  # fmt: skip
+    add_tune_arguments(tune)
+    tune.set_defaults(func=_run_tune)
+
+    registry = sub.add_parser("registry", help="the MLflow Model Registry: promote a run's best checkpoint")
+    actions = registry.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
+    promote = actions.add_parser("promote", help="register a run's best checkpoint (a sweep's: its best trial's) "
+                                 "and point the alias at it; promoting twice creates no second version")  # fmt: skip
+    promote.add_argument("run_id", help="an MLflow run: a training run, a trial, or a sweep's parent run")
+    promote.add_argument("--name", help="registered model name (default: the run's model.name)")
+    promote.add_argument("--alias", default="champion")
+    promote.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db")
+    promote.set_defaults(func=_registry_promote)
+
+    evaluate = sub.add_parser("evaluate", help="evaluate a registered model or a checkpoint on a shard split, without Ray")
+    evaluate.add_argument("model_uri", help="models:/NAME@champion, models:/NAME/VERSION, or a checkpoint path")
+    evaluate.add_argument("--shards", required=True, help="a shard dataset root (holding train/val/test) or one split")
+    evaluate.add_argument("--split", default="test", help="the split of a dataset root to evaluate (default: test)")
+    evaluate.add_argument("--batch-size", type=int, default=256)
+    evaluate.add_argument("--loader-workers", type=int, default=0)
+    evaluate.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    evaluate.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db")
+    evaluate.add_argument("--out", help="folder for evaluation.json (and DVT's budget curve JSON + PNG)")
+    evaluate.set_defaults(func=_evaluate)
+
+
+def _run_tune(args: argparse.Namespace) -> int:
+    from pipeline.tune.cli import run_from_args
+
+    return run_from_args(args)
+
+
+def _registry_promote(args: argparse.Namespace) -> int:
+    from pipeline.registry import RegistryError, default_tracking_uri, promote_run
+
+    try:
+        promotion = promote_run(args.run_id, tracking_uri=args.tracking_uri or default_tracking_uri(),
+                                name=args.name, alias=args.alias)  # fmt: skip
+    except RegistryError as exc:
+        print(f"vitpipe registry promote: {exc}", file=sys.stderr)
+        return 2
+    what = "registered as" if promotion.created else "already registered as"
+    print(f"{promotion.checkpoint} ({promotion.metric} = {promotion.value}) {what} {promotion.name} version "
+          f"{promotion.version}; {promotion.uri} points to it")  # fmt: skip
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from pipeline.data.manifest import ManifestError
+    from pipeline.eval.evaluate import evaluate_model
+    from pipeline.registry import RegistryError
+
+    try:
+        report = evaluate_model(args.model_uri, args.shards, split=args.split, batch_size=args.batch_size,
+                                loader_workers=args.loader_workers, device=args.device,
+                                tracking_uri=args.tracking_uri, out_dir=args.out)  # fmt: skip
+    except (RegistryError, ManifestError, FileNotFoundError, ValueError) as exc:
+        print(f"vitpipe evaluate: {exc}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0
 
 
 def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
