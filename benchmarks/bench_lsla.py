@@ -47,7 +47,7 @@ MODEL_GROUPS = {
         reference="swin_tiny_patch4_window7_224",
         models=["swin_tiny_patch4_window7_224", "hier_msa_swin_t", "vit_lsla_swin_t", "vit_lsla_tiny"],
     ),
-    "nano": dict(img_size=32, batch=64, reference="hier_msa_nano", models=["hier_msa_nano", "vit_lsla_nano"]),
+    "nano": dict(img_size=32, batch=256, reference="hier_msa_nano", models=["hier_msa_nano", "vit_lsla_nano"]),
 }
 SWIN_T_STAGES = [(96, 3, 56), (192, 6, 28), (384, 12, 14), (768, 24, 7)]  # channels, heads, map side
 ATTENTION_KINDS = {
