@@ -205,3 +205,13 @@ def test_castling_plugs_in_and_switches():
     model.eval()
     assert model.switch_to_inference() is model
     assert model(x).shape == (2, 5)
+
+
+def test_castling_backbone_trains_after_an_inference_mode_pass():
+    """Validation runs under inference_mode; the region cache it fills must not poison the next training step."""
+    model = timm.create_model("castling_swin_nano", num_classes=10, img_size=32, in_chans=1)
+    x = torch.randn(2, 1, 32, 32)
+    with torch.inference_mode():
+        model.eval()(x)
+    model.train()(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

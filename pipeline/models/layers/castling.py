@@ -306,11 +306,14 @@ class WindowCastlingAttention(_LinearAngularAttention):
         cache = self._regions_cache
         if cache is not None and cache[0] is region_ids and cache[1] == region_ids._version:
             return cache[2]
-        ids = region_ids - region_ids.min()
-        present = F.one_hot(ids, int(ids.max()) + 1).amax(dim=1)  # (nW, G): which ids each window holds
-        local = (present.cumsum(dim=-1) - 1).gather(1, ids)  # rank of the token's id among its window's ids
-        counts = present.sum(dim=-1)
-        result = F.one_hot(local, int(counts.max())).bool(), (counts > 1).nonzero().flatten()
+        # Built outside inference mode even when first asked for there (validation), or the cached
+        # tensors would be inference tensors that the next training step cannot save for backward.
+        with torch.inference_mode(False):
+            ids = region_ids - region_ids.min()
+            present = F.one_hot(ids, int(ids.max()) + 1).amax(dim=1)  # (nW, G): which ids each window holds
+            local = (present.cumsum(dim=-1) - 1).gather(1, ids)  # rank of the token's id among its window's ids
+            counts = present.sum(dim=-1)
+            result = F.one_hot(local, int(counts.max())).bool(), (counts > 1).nonzero().flatten()
         self._regions_cache = (region_ids, region_ids._version, result)
         return result
 
