@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 __all__ = [
     "CHAMPION",
     "LoadedModel",
@@ -72,23 +74,63 @@ def _metric_value(meta: dict, metric: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
+def _filesystem(location: str):
+    """``(pyarrow filesystem, path)`` of a local path or a URI (``s3://``, ``gs://``, ``file://``)."""
+    import pyarrow.fs
+
+    if "://" in location:
+        return pyarrow.fs.FileSystem.from_uri(location)
+    return pyarrow.fs.LocalFileSystem(), str(Path(location).resolve())
+
+
 def best_checkpoint(run_dir: str | os.PathLike, metric: str, mode: str) -> tuple[str, dict] | None:
-    """The checkpoint of a (local) run directory that is best by ``metric``, and its ``meta.json``; ties go
-    to the later epoch. None when the directory holds no checkpoint that reported the metric."""
+    """The checkpoint of a run directory (local or a URI such as ``s3://...``, as Ray's ``storage_path``)
+    that is best by ``metric``, and its ``meta.json``; ties go to the later epoch. None when the directory
+    holds no complete checkpoint that reported the metric."""
+    import pyarrow.fs
+
+    run_dir = os.fspath(run_dir)
+    fs, root = _filesystem(run_dir)
+    try:
+        entries = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
     candidates = []
-    for meta_path in sorted(Path(run_dir).glob("checkpoint_epoch*/meta.json")):
+    for entry in entries:
+        if entry.type != pyarrow.fs.FileType.Directory or not entry.base_name.startswith("checkpoint_epoch"):
+            continue
         try:
-            meta = json.loads(meta_path.read_text())
+            with fs.open_input_stream(f"{entry.path}/meta.json") as stream:
+                meta = json.loads(stream.read().decode())
         except (OSError, ValueError):
             continue  # an interrupted write
         value = _metric_value(meta, metric)
-        if value is not None and (meta_path.parent / "state.pt").is_file():
+        if value is not None and fs.get_file_info(f"{entry.path}/state.pt").type == pyarrow.fs.FileType.File:
             score = value if mode == "max" else -value
-            candidates.append((score, meta.get("epochs_done", 0), str(meta_path.parent), meta))
+            candidates.append((score, meta.get("epochs_done", 0), f"{run_dir.rstrip('/')}/{entry.base_name}", meta))
     if not candidates:
         return None
     _, _, path, meta = max(candidates, key=lambda c: (c[0], c[1]))
     return path, meta
+
+
+def _fetch_checkpoint(location: str, scratch: Path) -> Path:
+    """A local checkpoint directory for ``location`` (a directory or its state.pt; local or a URI, which is
+    copied into ``scratch``)."""
+    import pyarrow.fs
+
+    if "://" not in location:
+        path = Path(location)
+        return path.parent if path.name == "state.pt" else path
+    fs, root = pyarrow.fs.FileSystem.from_uri(location)
+    root = root[: -len("/state.pt")] if root.endswith("/state.pt") else root.rstrip("/")
+    for name in _CHECKPOINT_FILES:
+        try:
+            with fs.open_input_stream(f"{root}/{name}") as source, open(scratch / name, "wb") as target:
+                target.write(source.read())
+        except FileNotFoundError:
+            raise RegistryError(f"no checkpoint at {location} ({name} is missing)") from None
+    return scratch
 
 
 def _digest(state_file: Path) -> str:
@@ -174,7 +216,20 @@ def promote_checkpoint(
 
     ``run_id``: the MLflow run that trained it (the version links to it; default: the one the checkpoint
     names). Promoting a checkpoint whose weights are already a version of ``name`` creates nothing.
+    ``checkpoint`` may be a URI (``s3://...``, as Ray's ``storage_path``): it is copied locally first.
     """
+    location = os.fspath(checkpoint)
+    with tempfile.TemporaryDirectory() as fetched:
+        checkpoint = _fetch_checkpoint(location, Path(fetched))
+        state_file = checkpoint / "state.pt"
+        if not state_file.is_file():
+            raise RegistryError(f"no checkpoint at {location} (expected a checkpoint directory holding state.pt)")
+        return _promote(checkpoint, location, tracking_uri=tracking_uri, name=name, run_id=run_id, metric=metric,
+                        tags=tags, alias=alias)  # fmt: skip
+
+
+def _promote(checkpoint: Path, location: str, *, tracking_uri: str, name: str | None, run_id: str | None,
+             metric: str | None, tags: dict[str, Any] | None, alias: str) -> Promotion:  # fmt: skip
     import torch
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -183,11 +238,7 @@ def promote_checkpoint(
     from pipeline.train.checkpoint import load_checkpoint
     from pipeline.train.config import TrainConfig
 
-    checkpoint = Path(checkpoint)
-    state_file = checkpoint / "state.pt" if checkpoint.is_dir() else checkpoint
-    if not state_file.is_file():
-        raise RegistryError(f"no checkpoint at {checkpoint} (expected a checkpoint directory holding state.pt)")
-    checkpoint = state_file.parent
+    state_file = checkpoint / "state.pt"
     state = load_checkpoint(checkpoint)
     config = TrainConfig.from_dict(state["config"])
     name = name or config.model.name
@@ -197,7 +248,7 @@ def promote_checkpoint(
     digest = _digest(state_file)
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)  # the registry lives in the same store
 
-    existing = [v for v in _versions(client, name) if v.tags.get(TAG_DIGEST) == digest]
+    existing = [v for v in client.search_model_versions(f"name = '{name}'") if v.tags.get(TAG_DIGEST) == digest]
     if existing:
         version, created = existing[0].version, False
     else:
@@ -206,7 +257,7 @@ def promote_checkpoint(
             "vitpipe.metric": metric,
             "vitpipe.metric_value": "" if value is None else repr(value),
             "vitpipe.epoch": str(state.get("epochs_done")),
-            "vitpipe.checkpoint": str(checkpoint),
+            "vitpipe.checkpoint": location,
             "vitpipe.source_run_id": run_id or "",
             "vitpipe.model": config.model.name,
             "vitpipe.config": json.dumps(config.to_dict(), sort_keys=True),
@@ -222,7 +273,7 @@ def promote_checkpoint(
         # The registry's store resolves the version's source through MLflow's global URI: set it throughout.
         with tempfile.TemporaryDirectory() as scratch, _TrackingUri(tracking_uri):
             _slim_checkpoint(state, Path(scratch))
-            Path(scratch, "config.yaml").write_text(_yaml(config.to_dict()))
+            Path(scratch, "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
             extra = [str(Path(scratch, f)) for f in (*_CHECKPOINT_FILES, "config.yaml")]
             info, fmt = _log_model(model, example, experiment_id=experiment_id, run_id=run_id, extra_files=extra,
                                    tags={TAG_DIGEST: digest})  # fmt: skip
@@ -236,23 +287,8 @@ def promote_checkpoint(
                                                            model_id=info.model_id)  # fmt: skip
         version, created = created_version.version, True
     client.set_registered_model_alias(name, alias, version)
-    return Promotion(name=name, version=str(version), alias=alias, created=created, checkpoint=str(checkpoint),
+    return Promotion(name=name, version=str(version), alias=alias, created=created, checkpoint=location,
                      run_id=run_id, metric=metric, value=value)  # fmt: skip
-
-
-def _versions(client, name: str) -> list:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return list(client.search_model_versions(f"name = '{name}'"))
-    except MlflowException:
-        return []
-
-
-def _yaml(data: dict) -> str:
-    import yaml
-
-    return yaml.safe_dump(data, sort_keys=False)
 
 
 def promote_run(run_id: str, *, tracking_uri: str, name: str | None = None, alias: str = CHAMPION) -> Promotion:
@@ -280,7 +316,7 @@ def promote_run(run_id: str, *, tracking_uri: str, name: str | None = None, alia
     metric = params.get("checkpoint.metric", "val/top1")
     mode = params.get("checkpoint.mode", "max")
     run_dir = run.data.tags.get("vitpipe.run_dir")
-    found = best_checkpoint(run_dir, metric, mode) if run_dir and Path(run_dir).is_dir() else None
+    found = best_checkpoint(run_dir, metric, mode) if run_dir else None
     if found is not None:
         return promote_checkpoint(found[0], tracking_uri=tracking_uri, name=name, run_id=run.info.run_id,
                                   metric=metric, tags=tags, alias=alias)  # fmt: skip

@@ -148,6 +148,10 @@ def test_promote_registers_the_best_checkpoint_once_and_the_alias_follows(traine
     assert str(client.get_model_version_by_alias("vit_msa_nano", "champion").version) == "2"
     back = promote_checkpoint(late, tracking_uri=uri, alias="champion")
     assert (back.version, back.created) == ("1", False)
+    # Run directories on URI storage (s3:// on a cluster) are read through pyarrow: file:// takes that path here.
+    remote = best_checkpoint(f"file://{config.run_dir}", "val/top1", "max")[0]
+    assert remote == f"file://{late}"
+    assert promote_checkpoint(remote, tracking_uri=uri).version == "1"  # the same weights: the same version
     assert str(client.get_model_version_by_alias("vit_msa_nano", "champion").version) == "1"
     assert sorted(str(v.version) for v in client.search_model_versions("name = 'vit_msa_nano'")) == ["1", "2"]
 

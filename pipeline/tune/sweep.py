@@ -292,14 +292,17 @@ def _best_of(df, metric: str, mode: str) -> tuple[float | None, int | None, str 
     finite = df[df[metric].apply(lambda v: isinstance(v, (int, float)) and math.isfinite(v))]
     if len(finite) == 0:
         return None, None, None, epochs
-    index = finite[metric].idxmax() if mode == "max" else finite[metric].idxmin()
-    row = finite.loc[index]
+    # Ties go to the later epoch, as in the training loop's and the registry's choice of the best checkpoint.
+    sign = 1 if mode == "max" else -1
+    row = max((r for _, r in finite.iterrows()), key=lambda r: (sign * r[metric], r["epoch"]))
     checkpoint = row.get("checkpoint_path")
     return float(row[metric]), int(row["epoch"]), checkpoint if isinstance(checkpoint, str) else None, epochs
 
 
 def _collect(results, statuses: dict[str, str], space: SearchSpace, metric: str, mode: str, client,
              experiment_id: str, parent_run_id: str) -> list[TrialRow]:  # fmt: skip
+    from pipeline.tracking import TAG_RUN_DIR, TAG_STATUS
+
     children = {}
     for run in _child_runs(client, experiment_id, parent_run_id):
         children.setdefault(run.data.tags.get(TAG_TRIAL_ID), run)  # newest first: keep the newest
@@ -309,51 +312,64 @@ def _collect(results, statuses: dict[str, str], space: SearchSpace, metric: str,
         trial_id = trial_id or Path(result.path).name
         best, best_epoch, checkpoint, epochs = _best_of(result.metrics_dataframe, metric, mode)
         run = children.get(trial_id)
-        tag = run.data.tags.get("vitpipe.status") if run is not None else None
+        tag = run.data.tags.get(TAG_STATUS) if run is not None else None
         rows.append(TrialRow(
             trial_id=trial_id, status=_status(tag, statuses.get(trial_id), result.error is not None), epochs=epochs,
             best=best, best_epoch=best_epoch, checkpoint=checkpoint,
             values={k: (result.config or {}).get(k) for k in space.parameters},
             run_id=run.info.run_id if run is not None else None,
-            run_dir=run.data.tags.get("vitpipe.run_dir") if run is not None else None,
+            run_dir=run.data.tags.get(TAG_RUN_DIR) if run is not None else None,
         ))  # fmt: skip
     return rows
 
 
 def plot_metric_vs_knobs(result: SweepResult, space: SearchSpace, path: str | os.PathLike) -> Path | None:
-    """One panel per searched knob: each trial's best metric against its value (log axis for loguniform
-    knobs, categories in the order of the space); completed trials as dots, stopped ones as crosses."""
+    """One panel per searched knob: each trial's best metric against its value, over the knob's whole range
+    (log axis for loguniform knobs, categories in the order of the space); completed trials as dots, the
+    others (stopped early, ...) as crosses. None when no trial has a value to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.ticker import NullFormatter
 
     rows = [r for r in result.rows if r.best is not None]
     if not rows:
         return None
     keys = list(space.parameters)
-    figure, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.2), squeeze=False, sharey=True)
-    for ax, key in zip(axes[0], keys):
+    columns = min(3, len(keys))
+    lines = math.ceil(len(keys) / columns)
+    figure, axes = plt.subplots(lines, columns, figsize=(4.2 * columns, 3.2 * lines), squeeze=False, sharey=True)
+    for ax, key in zip(axes.flat, keys):
         param = space.parameters[key]
+        labels = [str(v) for v in param.args]
         for done, marker, label in ((True, "o", "completed"), (False, "x", "stopped early / other")):
             chosen = [r for r in rows if (r.status == "completed") == done]
-            if not chosen:
-                continue
-            if param.categorical:
-                labels = [str(v) for v in param.args]
-                xs = [labels.index(str(r.values[key])) if str(r.values[key]) in labels else -1 for r in chosen]
-            else:
-                xs = [r.values[key] for r in chosen]
-            ax.scatter(xs, [r.best for r in chosen], marker=marker, label=label)
+            if chosen:
+                xs = [labels.index(str(r.values[key])) if param.categorical else r.values[key] for r in chosen]
+                ax.scatter(xs, [r.best for r in chosen], marker=marker, label=label)
         if param.categorical:
-            ax.set_xticks(range(len(param.args)), [str(v) for v in param.args], rotation=30, fontsize=7)
-        elif param.log_scale:
-            ax.set_xscale("log")
+            ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=7)
+            ax.set_xlim(-0.5, len(labels) - 0.5)
+        else:
+            low, high = param.args[0], param.args[1]
+            if param.log_scale:
+                ax.set_xscale("log")
+                ticks = np.geomspace(low, high, 4)
+            else:
+                ticks = np.linspace(low, high, 4)
+            ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks], fontsize=7)
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xlim(*((low / 1.15, high * 1.15) if param.log_scale else (low - 0.05 * (high - low), high + 0.05 * (high - low))))
         ax.set_xlabel(key, fontsize=8)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"best {result.metric} ({result.mode})")
-    axes[0][-1].legend(fontsize=7)
-    figure.suptitle(f"sweep {result.name}: {len(rows)} trials", fontsize=9)
+    for ax in axes.flat[len(keys):]:
+        ax.set_visible(False)
+    for line in axes:
+        line[0].set_ylabel(f"best {result.metric}")
+    axes.flat[0].legend(fontsize=7)
+    figure.suptitle(f"sweep {result.name}: best {result.metric} ({result.mode}) of {len(rows)} trials", fontsize=9)
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path, dpi=110)
@@ -546,13 +562,12 @@ def _register_best(result: SweepResult, config: TrainConfig, client, model_name:
     from pipeline import registry
 
     best = result.best
-    checkpoint = best.checkpoint
-    if checkpoint is None or not Path(checkpoint).exists():
-        found = registry.best_checkpoint(best.run_dir, result.metric, result.mode) if best.run_dir else None
-        if found is None:
-            raise SweepError(f"sweep {result.name!r}: the best trial {best.trial_id}'s checkpoint is gone "
-                             f"({checkpoint}); nothing to register")  # fmt: skip
-        checkpoint = found[0]
+    # The trial's run directory, searched by the sweep's metric (every trial keeps its checkpoints by it);
+    # Tune's reported path is the fallback: on URI storage (s3://) Ray reports it without the scheme.
+    found = registry.best_checkpoint(best.run_dir, result.metric, result.mode) if best.run_dir else None
+    checkpoint = found[0] if found is not None else best.checkpoint
+    if checkpoint is None:
+        raise SweepError(f"sweep {result.name!r}: the best trial {best.trial_id} left no checkpoint; nothing to register")
     tags = {
         "vitpipe.trial_id": best.trial_id,
         "vitpipe.sweep": result.name,
