@@ -14,6 +14,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # Ray Train V2 is the default since Ray 2.51; say so, in case a user's environment turned it off.
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# Ray runs its workers at nice 15; on a machine shared with other busy processes that starves the test's
+# training workers (the run takes several times longer). Same priority as the test process itself.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 RAY_NUM_CPUS = 4  # logical: 2 training workers + headroom for the controller and a Tune trial on 2 cores
 

@@ -30,6 +30,7 @@ __all__ = [
     "flatten",
     "load_config",
     "parse_overrides",
+    "read_yaml",
     "resolve_config",
 ]
 
@@ -261,8 +262,8 @@ class TrainConfig:
         return f"{self.storage_path.rstrip('/')}/{self.run_name}"
 
     @property
-    def uses_gpu_precision(self) -> str:
-        """The autocast dtype name actually used: ``fp32``, ``bf16`` or ``fp16``."""
+    def effective_precision(self) -> str:
+        """The precision actually used: ``fp32``, ``bf16`` or ``fp16`` (``auto`` resolved)."""
         if self.precision == "auto":
             return "bf16" if self.scaling.use_gpu else "fp32"
         return self.precision

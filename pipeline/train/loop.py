@@ -131,7 +131,7 @@ class State:
 
 
 def _autocast(config: TrainConfig, device: torch.device):
-    precision = config.uses_gpu_precision
+    precision = config.effective_precision
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -373,7 +373,7 @@ def _setup(config: TrainConfig, d: Dist) -> State:
     optimizer = create_optimizer_v2(model, opt=opt.optimizer, lr=opt.lr, weight_decay=opt.weight_decay,
                                     momentum=opt.momentum, **opt.opt_kwargs)  # fmt: skip
     return State(model=model, ddp=ddp, optimizer=optimizer, scheduler=None,
-                 scaler=torch.amp.GradScaler(d.device.type, enabled=config.uses_gpu_precision == "fp16"),
+                 scaler=torch.amp.GradScaler(d.device.type, enabled=config.effective_precision == "fp16"),
                  ema=ModelEmaV3(model, decay=opt.ema_decay) if opt.ema else None)  # fmt: skip
 
 
