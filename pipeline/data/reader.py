@@ -21,6 +21,7 @@ stay equal) and are counted in ``ShardLoader.skipped``.
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -245,6 +246,16 @@ def _shuffled(samples: Iterator[dict], size: int, rng: random.Random) -> Iterato
     yield from buffer
 
 
+def _freeze_inherited_objects(_worker_id: int) -> None:
+    """Exempt what a forked worker inherits from its garbage collector.
+
+    Tar reading allocates many small containers, so collections run often; each full one would walk the
+    parent's whole heap (torch, timm, the trainer: ~400k objects) and, by touching it, copy its pages
+    out of the memory shared with the parent. Measured: ~25% of a worker's CPU on 28x28 images.
+    """
+    gc.freeze()
+
+
 class ShardLoader:
     """Batches ``(images FloatTensor[B, C, H, W], labels LongTensor[B])`` of one rank for one epoch.
 
@@ -287,7 +298,8 @@ class ShardLoader:
         return 0 if not s.train else self.manifest.num_samples - s.world_size * len(self) * s.batch_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        loader = DataLoader(self._stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        loader = DataLoader(self._stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                            worker_init_fn=_freeze_inherited_objects)  # fmt: skip
         expected, produced = len(self), 0
         for images, labels, skipped in loader:
             self.skipped += skipped
