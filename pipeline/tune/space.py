@@ -22,7 +22,7 @@ distributions, bounds in order, numbers that are numbers); :func:`check_space` c
 training config: every key exists, each parameter's extreme values make a valid config, and values
 that change the model (free-form ``model.kwargs`` included) build it, on the meta device.
 
-This module imports Ray only in :meth:`SearchSpace.param_space` and :meth:`SearchSpace.searcher`.
+This module imports Ray only where it builds Tune objects (``param_space``, ``searcher``, ``SchedulerSpec.build``).
 """
 
 from __future__ import annotations
