@@ -8,7 +8,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 export RAY_USAGE_STATS_ENABLED = 0
 export MLFLOW_DISABLE_TELEMETRY = true
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test clean
 
 setup: $(STAMP)
 
@@ -28,9 +28,6 @@ demo: setup $(FMNIST)/train-images-idx3-ubyte.gz
 
 test: setup
 	$(PY) -m pytest -q
-
-bench: setup
-	$(PY) -m benchmarks.run_all
 
 clean:
 	rm -rf $(VENV) build *.egg-info
