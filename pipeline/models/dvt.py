@@ -271,6 +271,7 @@ class DynamicVisionTransformer(nn.Module):
         self.num_classes = num_classes
         for e in self.exits:
             e.reset_classifier(num_classes, global_pool)
+        self._macs_cache.clear()  # the heads' cost changed
 
     def switch_to_inference(self) -> DynamicVisionTransformer:
         """Drop every training-only attention branch (Castling's masked softmax); weights unchanged."""
