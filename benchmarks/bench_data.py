@@ -1,6 +1,6 @@
 """Data throughput: the WebDataset reader against torchvision's ImageFolder and against an in-memory ceiling.
 
-    python -m benchmarks.bench_data             # 10,000 Fashion-MNIST images, a minute or two
+    python -m benchmarks.bench_data             # 10,000 Fashion-MNIST images, a few minutes on 2 cores
     python -m benchmarks.bench_data --long      # all 60,000 training images, more rounds
     python -m benchmarks.bench_data --workers 4 --img-size 64 --eval-transform
 

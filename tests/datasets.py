@@ -1,4 +1,4 @@
-"""Tiny real shard sets for tests, built in well under a second through the real builder.
+"""Tiny real shard sets for tests, built in about a second through the real builder.
 
     from tests.datasets import make_digits_shards
     root = make_digits_shards(tmp_path / "digits", image_size=16)   # root/train, root/val, root/test
