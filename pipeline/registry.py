@@ -269,7 +269,7 @@ def _promote(checkpoint: Path, location: str, *, tracking_uri: str, name: str | 
         # nothing but single images; with 2 it stays dynamic.
         example = torch.zeros(2, config.data.in_chans, config.data.img_size, config.data.img_size).numpy()
         experiment_id = (client.get_run(run_id).info.experiment_id if run_id
-                         else tracking._experiment_id(client, tracking_uri, config.mlflow.experiment))  # fmt: skip
+                         else tracking.experiment_id(client, tracking_uri, config.mlflow.experiment))  # fmt: skip
         # The registry's store resolves the version's source through MLflow's global URI: set it throughout.
         with tempfile.TemporaryDirectory() as scratch, _TrackingUri(tracking_uri):
             _slim_checkpoint(state, Path(scratch))

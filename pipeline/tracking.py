@@ -26,11 +26,12 @@ from mlflow.entities import Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-__all__ = ["RunLogger", "close_run", "open_run", "run_status", "run_tags"]
+__all__ = ["RunLogger", "close_run", "experiment_id", "open_run", "run_status", "run_tags"]
 
 TAG_STATUS = "vitpipe.status"  # running | finished | non_finite_loss | failed
 TAG_RUN_DIR = "vitpipe.run_dir"
 TAG_FINAL_MODEL = "vitpipe.final_model"  # the serialization format, once the final model is logged
+GIT_COMMIT_ENV = "VITPIPE_GIT_COMMIT"  # the commit tag when the code runs without .git
 _BATCH = 100  # MLflow's limit of params or tags per log_batch
 
 
@@ -60,13 +61,15 @@ def run_tags() -> dict[str, str]:
         "versions.mlflow": mlflow.__version__,
     }
     commit = _git("rev-parse", "HEAD")
-    if commit:  # absent when the code came without .git (e.g. a `ray job submit` working dir)
+    if commit:
         tags["mlflow.source.git.commit"] = commit
         tags["vitpipe.git_dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no")))
+    elif os.environ.get(GIT_COMMIT_ENV):  # code shipped without .git (`ray job submit --working-dir .`)
+        tags["mlflow.source.git.commit"] = os.environ[GIT_COMMIT_ENV]
     return tags
 
 
-def _experiment_id(client: MlflowClient, tracking_uri: str, name: str) -> str:
+def experiment_id(client: MlflowClient, tracking_uri: str, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
@@ -113,8 +116,8 @@ def open_run(
         else:
             client.set_tag(run.info.run_id, TAG_STATUS, "running")
             return run.info.run_id, True
-    experiment_id = _experiment_id(client, tracking_uri, experiment)
-    run = client.create_run(experiment_id, run_name=run_name, tags={**tags, TAG_STATUS: "running"})
+    run = client.create_run(experiment_id(client, tracking_uri, experiment), run_name=run_name,
+                            tags={**tags, TAG_STATUS: "running"})  # fmt: skip
     run_id = run.info.run_id
     for chunk in _chunks([Param(k, _param_value(v)) for k, v in params.items()]):
         client.log_batch(run_id, params=chunk)

@@ -287,3 +287,14 @@ def test_the_cli_promotes_and_evaluates_without_importing_ray(trained_run, digit
 
     assert main(["evaluate", "models:/nope@champion", "--shards", str(digits_shards), "--tracking-uri", uri]) == 2
     assert "vitpipe evaluate: models:/nope@champion: cannot be fetched" in capsys.readouterr().err
+
+
+def test_run_tags_take_the_commit_from_the_environment_without_git(monkeypatch):
+    """A `ray job submit --working-dir .` copy has no .git: the commit comes from VITPIPE_GIT_COMMIT."""
+    from pipeline import tracking
+
+    monkeypatch.setattr(tracking, "_git", lambda *args: None)
+    monkeypatch.delenv(tracking.GIT_COMMIT_ENV, raising=False)
+    assert "mlflow.source.git.commit" not in tracking.run_tags()
+    monkeypatch.setenv(tracking.GIT_COMMIT_ENV, "0123abcd")
+    assert tracking.run_tags()["mlflow.source.git.commit"] == "0123abcd"
