@@ -105,12 +105,12 @@ def _common_overrides(data_dir: Path, work: Path, tracking_uri: str, epochs: int
 
 
 def train_models(config_path: Path, data_dir: Path, work: Path, tracking_uri: str, profile: Profile,
-                 new: bool) -> list[dict]:  # fmt: skip
-    """Train every demo model once (or find it already trained); one row of results per model."""
+                 new: bool, models: list[tuple[str, dict, dict]] = MODELS) -> list[dict]:  # fmt: skip
+    """Train every model once (or find it already trained); one row of results per model."""
     from pipeline.train.launcher import prepare, train
 
     rows = []
-    for name, kwargs, method in MODELS:
+    for name, kwargs, method in models:
         overrides = {**_common_overrides(data_dir, work, tracking_uri, profile.epochs), "model.name": name,
                      "model.kwargs": kwargs, "run_name": f"demo-{name}", **method}  # fmt: skip
         config = prepare(config_path, overrides)
@@ -207,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = build_demo_shards(work / "shards", profile)
     import ray
 
-    ray.init(num_cpus=max(os.cpu_count() or 2, 3), include_dashboard=False)
+    # 3 logical CPUs at least: 2 workers + the train controller. With the dashboard: Ray Train's
+    # placement-group cleaner polls its state API (and warns every second without it).
+    ray.init(num_cpus=max(os.cpu_count() or 2, 3))
     try:
         rows = train_models(config_path, data_dir, work, tracking_uri, profile, args.new)
         sweeps = [] if args.skip_sweeps else run_sweeps(config_path, data_dir, work, tracking_uri, profile, args.new)

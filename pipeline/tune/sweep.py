@@ -103,7 +103,7 @@ def _ensure_ray(config: TrainConfig, address: str | None) -> None:
         return
     cpus = max(os.cpu_count() or 1, math.ceil(trial_resources(config)["CPU"]))
     print(f"[vitpipe] starting a local Ray ({cpus} CPUs)")
-    ray.init(num_cpus=cpus, include_dashboard=False)
+    ray.init(num_cpus=cpus)  # with the dashboard: Ray Train's placement-group cleaner polls its state API
 
 
 # --------------------------------------------------------------------------------------------------
