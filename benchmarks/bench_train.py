@@ -128,6 +128,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--ray-niceness", type=int, default=0, help="Ray's worker niceness (Ray's default: 15)")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -176,6 +177,14 @@ def main() -> None:
     cpu_overhead = ray_["train/step_cpu_s"] / torchrun["train/step_cpu_s"] - 1
     print(f"\nRay Train overhead, steady-state step time: {100 * overhead:+.1f}% (target <= +10%); CPU per step: "
           f"{100 * cpu_overhead:+.1f}%; Ray start-up (ray.init, once): {ray_init_s:.1f} s")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps(dict(
+            dataset=name, images=args.images, model=args.model, depth=args.depth, batch_size=args.batch_size,
+            workers=args.workers, rounds=args.rounds, ray_niceness=args.ray_niceness, ray_init_s=ray_init_s,
+            best={k: {"step_ms": 1000 * m["train/step_time_s"], "cpu_step_ms": 1000 * m["train/step_cpu_s"],
+                      "images_per_s": train_images / m["train/step_time_s"], "wall_s": m["wall_s"]}
+                  for k, m in best.items()},
+            overhead=overhead, cpu_overhead=cpu_overhead, target_met=overhead <= 0.10), indent=2))
 
 
 if __name__ == "__main__":
