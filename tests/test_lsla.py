@@ -172,7 +172,7 @@ def test_masked_attention_and_outer_bias_are_exactly_zero():
 
 
 @pytest.mark.parametrize("cls", [WindowLSLA, WindowMSA])
-def test_cached_region_mask_follows_the_region_ids(cls):
+def test_region_mask_follows_the_region_ids(cls):
     torch.manual_seed(5)
     attn = cls(C, HEADS, window_size=WINDOW)
     randomize_tables(attn)
@@ -180,9 +180,9 @@ def test_cached_region_mask_follows_the_region_ids(cls):
     ids, _ = shifted_region_ids()
     with torch.inference_mode():
         attn(x, ids)
-    attn(x, ids).sum().backward()  # a mask first built under inference mode serves a training step
+    attn(x, ids).sum().backward()  # a training step after an inference-mode pass
 
-    def fresh(region_ids):  # the same module without a cache
+    def fresh(region_ids):  # the same weights in a module that never saw another mask
         twin = cls(C, HEADS, window_size=WINDOW)
         twin.load_state_dict(attn.state_dict())
         return twin(x, region_ids)
@@ -192,6 +192,25 @@ def test_cached_region_mask_follows_the_region_ids(cls):
     ids.copy_(ids.roll(1, dims=1))  # the same tensor, changed in place
     torch.testing.assert_close(attn(x, ids), fresh(ids))
     assert not torch.allclose(attn(x, ids), attn(x, other))
+
+
+@pytest.mark.parametrize("attn", ["lsla", "msa"])
+def test_shifted_window_block_exports_without_side_effects(attn):
+    """torch.export traces a shifted-window block: the mask is computed in the graph, nothing is written to the module."""
+    from pipeline.models.hierarchical import HierarchicalBlock, window_attention_class
+
+    torch.manual_seed(6)
+    block = HierarchicalBlock(
+        C, HEADS, resolution=(8, 8), window_size=WINDOW, shift_size=(2, 2),
+        attn_layer=window_attention_class(attn), attn_kwargs={},
+    ).eval()  # fmt: skip
+    randomize_tables(block.attn)
+    x = torch.randn(2, 8, 8, C)
+    attributes = {name: set(m.__dict__) for name, m in block.named_modules()}
+    program = torch.export.export(block, (x,))
+    assert {name: set(m.__dict__) for name, m in block.named_modules()} == attributes  # no cache written
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), block(x))
 
 
 def test_lsla_block_has_2c2_plus_2c_fewer_projection_parameters():

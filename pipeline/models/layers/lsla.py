@@ -269,7 +269,7 @@ class WindowLSLA(_LightSelfLimitedAttention):
         ds, inner, outer = self._tables()
         scores = q @ k.transpose(-2, -1)
         if region_ids is not None:
-            cross = cross_region_mask(self, region_ids)  # (nW, 1, N, N)
+            cross = cross_region_mask(region_ids)  # (nW, 1, N, N)
             inner = inner.masked_fill(cross, float("-inf"))  # weight exactly 0 after the softmax
             if outer is not None:
                 outer = outer.masked_fill(cross, 0.0)  # or B_o would leak the masked tokens back in

@@ -2,7 +2,7 @@
 
 Implements the window contract of ``pipeline.models.layers``: ``forward(x, region_ids=None)`` on
 ``(B * num_windows, N, C)`` windows. Also home of the helpers the window kinds share: the relative
-position index of a window, the (cached) mask made from ``region_ids`` and the input checks.
+position index of a window, the mask made from ``region_ids`` and the input checks.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from timm.layers import to_2tuple, trunc_normal_
 from timm.models.swin_transformer import get_relative_position_index
 from torch import nn
 
-__all__ = ["WindowMSA", "relative_position_index", "same_region", "cross_region_mask", "check_heads", "check_windows"]
+__all__ = ["WindowMSA", "relative_position_index", "cross_region_mask", "check_heads", "check_windows"]
 
 
 def relative_position_index(window_size: tuple[int, int], device=None) -> torch.Tensor:
@@ -20,24 +20,15 @@ def relative_position_index(window_size: tuple[int, int], device=None) -> torch.
     return get_relative_position_index(window_size[0], window_size[1], device=device)
 
 
-def same_region(region_ids: torch.Tensor) -> torch.Tensor:
-    """``(num_windows, N)`` region ids -> ``(num_windows, N, N)`` bool, True where query and key may meet."""
-    return region_ids.unsqueeze(-1) == region_ids.unsqueeze(-2)
+def cross_region_mask(region_ids: torch.Tensor) -> torch.Tensor:
+    """``(num_windows, N)`` region ids -> ``(num_windows, 1, N, N)`` bool, True where query and key lie in different regions.
 
-
-def cross_region_mask(module: nn.Module, region_ids: torch.Tensor) -> torch.Tensor:
-    """``(num_windows, 1, N, N)`` bool, True where query and key lie in different regions.
-
-    Cached on ``module``: a backbone passes the same ``region_ids`` buffer at every call, so the mask
-    is rebuilt only when that tensor (or its contents) changes. Always built outside inference mode, so
-    a mask first made under ``torch.inference_mode`` still serves a training step.
+    Built at every call, not cached on the module: a cache written during the forward is a side effect
+    that ``torch.export`` / ``torch.compile`` would trace, and one made under ``torch.inference_mode``
+    would be an inference tensor. The compare is one pass over ``(num_windows, N, N)``, a small fraction
+    of one pass over a batch's ``(B, num_windows, heads, N, N)`` logits.
     """
-    cache = module.__dict__.get("_cross_region_cache")
-    if cache is None or cache[0] is not region_ids or cache[1] != region_ids._version:
-        with torch.inference_mode(False):
-            cache = (region_ids, region_ids._version, ~same_region(region_ids).unsqueeze(1))
-        module.__dict__["_cross_region_cache"] = cache
-    return cache[2]
+    return (region_ids.unsqueeze(-1) != region_ids.unsqueeze(-2)).unsqueeze(1)
 
 
 def check_heads(dim: int, num_heads: int) -> int:
@@ -108,7 +99,7 @@ class WindowMSA(nn.Module):
         logits = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)
         bias = self.relative_position_bias()
         if region_ids is not None:
-            bias = bias.masked_fill(cross_region_mask(self, region_ids), float("-inf"))  # (nW, heads, N, N)
+            bias = bias.masked_fill(cross_region_mask(region_ids), float("-inf"))  # (nW, heads, N, N)
             logits = logits.view(-1, num_windows, self.num_heads, N, N)
         logits = logits.add_(bias) if not torch.is_grad_enabled() else logits + bias
         attn = self.attn_drop(logits.softmax(dim=-1)).view(B_, self.num_heads, N, N)
