@@ -178,6 +178,37 @@ def test_lsla_plugs_in_by_name():
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("pipeline.models.layers.lsla") is None, reason="LSLA not written yet")
+def test_lsla_stage_sharing_ties_one_outer_bias_table_across_blocks():
+    """bias_sharing="stage": the backbone (one stage) owns one B_o table; every block's attention uses it."""
+    torch.manual_seed(0)
+    depth, heads = 3, SMALL["num_heads"]
+    model = VisionTransformer(**{**SMALL, "depth": depth}, attn="lsla", attn_kwargs={"bias_sharing": "stage"})
+    own = VisionTransformer(**{**SMALL, "depth": depth}, attn="lsla", attn_kwargs={"bias_sharing": "none"})
+    grid = 32 // SMALL["patch_size"]
+    entries = (2 * grid - 1) ** 2 + 3  # the grid's relative positions + three class-token entries
+    table = model.shared_attn_params["shared_outer_bias_table"]
+    assert table.shape == (heads, entries)
+    assert all(block.attn.outer_bias_table is table for block in model.blocks)
+    assert count_params(own) - count_params(model) == (depth - 1) * heads * entries
+    assert not own.shared_attn_params  # nothing shared unless asked: state dicts keep timm's names
+    model(torch.randn(2, 3, 32, 32)).logsumexp(-1).sum().backward()
+    assert table.grad is not None and table.grad.abs().sum() > 0  # B_o starts at zero but learns
+    # one table means each block's gradient adds into it: the sum of what three private tables would get
+    with torch.no_grad():
+        table.normal_()
+    model.zero_grad()
+    # the shared table is saved under every block's name too, so the private-table model loads it as is
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("shared_attn_params.")}
+    own.load_state_dict(state, strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(x), own(x))
+    model(x).sum().backward()
+    own(x).sum().backward()
+    summed = sum(block.attn.outer_bias_table.grad for block in own.blocks)
+    torch.testing.assert_close(table.grad, summed)
+
+
 def test_training_step_reduces_loss():
     torch.manual_seed(0)
     model = timm.create_model("vit_msa_nano", num_classes=4, depth=2)

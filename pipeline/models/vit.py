@@ -215,6 +215,13 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, embed_dim))
         self.pos_drop = nn.Dropout(pos_drop_rate)
 
+        # the plain backbone is one stage: parameters the attention kind shares stage-wide (LSLA's
+        # bias_sharing="stage" table) are made once here and handed to every block
+        share = getattr(global_attention_class(attn), "stage_shared_params", None)
+        shared = share(num_heads, grid, self.num_prefix_tokens, **(attn_kwargs or {})) if share else {}
+        self.shared_attn_params = nn.ParameterDict(shared)
+        attn_kwargs = {**(attn_kwargs or {}), **self.shared_attn_params}
+
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth, linear in depth
         self.blocks = nn.ModuleList(
             Block(
