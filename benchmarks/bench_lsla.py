@@ -3,6 +3,7 @@
     python -m benchmarks.bench_lsla                    # all three groups below, a few minutes of CPU time
     python -m benchmarks.bench_lsla --quick            # 3 rounds instead of 6
     python -m benchmarks.bench_lsla --only attention   # one group: 224, nano or attention
+    python -m benchmarks.bench_lsla --json out.json    # also every entry's figures and verdicts as JSON
 
 Groups:
     224        timm's Swin-T, hier_msa_swin_t, vit_lsla_swin_t, vit_lsla_tiny at 224x224 (102 classes)
@@ -26,10 +27,12 @@ measures wall-clock time instead (median round), the right choice on an idle mac
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import timm
 import torch
@@ -121,23 +124,42 @@ def attention_entry(kind: str, dim: int, heads: int, side: int, batch: int) -> E
     return Entry(f"{kind} C={dim} h={heads} {side}x{side}", train, infer, count_params(attn), macs)
 
 
-def print_table(title: str, entries: list[Entry], reference: Entry, batch: int, pick) -> None:
-    """One row per entry; MACs are per image, rates in images/s."""
-    def rate(e: Entry, kind: str) -> float:
-        return batch / pick(e.train_s if kind == "train" else e.infer_s)
+def summarize(entries: list[Entry], reference: Entry, batch: int, pick) -> list[dict]:
+    """One record per entry: MACs are per image, rates in images/s, ratios against ``reference``.
 
-    print(f"\n{title}; ratios against {reference.name}")
+    ``train_ok`` / ``infer_ok``: throughput ratio >= 0.95 x MAC advantage (``None`` for the reference).
+    """
+    ref_train, ref_infer = batch / pick(reference.train_s), batch / pick(reference.infer_s)
+    records = []
+    for e in entries:
+        train, infer = batch / pick(e.train_s), batch / pick(e.infer_s)
+        advantage = reference.macs / e.macs
+        train_x, infer_x = train / ref_train, infer / ref_infer
+        is_reference = e is reference
+        records.append(dict(
+            name=e.name, reference=is_reference, params=e.params, macs=e.macs,
+            train_images_per_s=train, infer_images_per_s=infer, infer_gmac_per_s=e.macs * infer / 1e9,
+            mac_advantage=advantage, train_ratio=train_x, infer_ratio=infer_x, target_ratio=0.95 * advantage,
+            train_ok=None if is_reference else train_x >= 0.95 * advantage,
+            infer_ok=None if is_reference else infer_x >= 0.95 * advantage,
+            train_s=e.train_s, infer_s=e.infer_s,
+        ))  # fmt: skip
+    return records
+
+
+def print_table(title: str, records: list[dict]) -> None:
+    reference = next(r["name"] for r in records if r["reference"])
+    print(f"\n{title}; ratios against {reference}")
     header = (f"{'':32s} {'params':>8s} {'GMACs':>7s} {'train/s':>8s} {'infer/s':>8s} {'GMAC/s':>7s} "
               f"{'MAC adv':>8s} {'train x':>8s} {'infer x':>8s}  target (x >= 0.95 MAC adv)")  # fmt: skip
     print(header + "\n" + "-" * len(header))
-    for e in entries:
-        advantage = reference.macs / e.macs
-        train_x, infer_x = rate(e, "train") / rate(reference, "train"), rate(e, "infer") / rate(reference, "infer")
-        verdict = "" if e is reference else "  ".join(
-            f"{kind} {'ok' if ratio >= 0.95 * advantage else 'MISS'}" for kind, ratio in (("train", train_x), ("infer", infer_x))
+    for r in records:
+        verdict = "" if r["reference"] else "  ".join(
+            f"{kind} {'ok' if r[f'{kind}_ok'] else 'MISS'}" for kind in ("train", "infer")
         )  # fmt: skip
-        print(f"{e.name:32s} {e.params / 1e6:7.2f}M {e.macs / 1e9:7.3f} {rate(e, 'train'):8.2f} {rate(e, 'infer'):8.2f} "
-              f"{e.macs * rate(e, 'infer') / 1e9:7.1f} {advantage:8.3f} {train_x:8.3f} {infer_x:8.3f}  {verdict}")  # fmt: skip
+        print(f"{r['name']:32s} {r['params'] / 1e6:7.2f}M {r['macs'] / 1e9:7.3f} {r['train_images_per_s']:8.2f} "
+              f"{r['infer_images_per_s']:8.2f} {r['infer_gmac_per_s']:7.1f} {r['mac_advantage']:8.3f} "
+              f"{r['train_ratio']:8.3f} {r['infer_ratio']:8.3f}  {verdict}")  # fmt: skip
 
 
 def main() -> None:
@@ -149,6 +171,7 @@ def main() -> None:
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="process CPU time or wall clock")
     parser.add_argument("--threads", type=int, help="intra-op threads (default: 1 for cpu, torch's for wall)")
     parser.add_argument("--num-classes", type=int, default=102, help="head size (IP102 has 102 classes)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write every group's records here as JSON")
     args = parser.parse_args()
     threads = args.threads or (1 if args.clock == "cpu" else None)
     if threads:
@@ -159,6 +182,12 @@ def main() -> None:
     how = (f"{torch.get_num_threads()} thread(s), {args.clock} clock, "
            f"{'best' if pick is min else 'median'} of {reps} rounds")  # fmt: skip
     torch.manual_seed(0)
+    groups = []
+
+    def report(name: str, title: str, entries: list[Entry], reference: Entry, batch: int, **about) -> None:
+        records = summarize(entries, reference, batch, pick)
+        print_table(title, records)
+        groups.append(dict(group=name, title=title, batch=batch, reference=reference.name, **about, entries=records))
 
     for name in [args.only] if args.only in MODEL_GROUPS else [] if args.only else list(MODEL_GROUPS):
         group = MODEL_GROUPS[name]
@@ -166,15 +195,22 @@ def main() -> None:
         entries = [model_entry(model, size, batch, args.num_classes) for model in group["models"]]
         time_round_robin(entries, reps, args.warmup, clock)
         reference = next(e for e in entries if e.name == group["reference"])
-        print_table(f"{size}x{size}, batch {batch}, {how}", entries, reference, batch, pick)
+        report(name, f"{size}x{size}, batch {batch}, {how}", entries, reference, batch, img_size=size)
 
     if args.only in (None, "attention"):
         batch = 4
         for dim, heads, side in SWIN_T_STAGES:
             entries = [attention_entry(kind, dim, heads, side, batch) for kind in ATTENTION_KINDS]
             time_round_robin(entries, reps, args.warmup, clock)
-            print_table(f"window attention alone, Swin-T stage {side}x{side}, batch {batch}, {how} (images/s)",
-                        entries, entries[0], batch, pick)  # fmt: skip
+            report("attention", f"window attention alone, Swin-T stage {side}x{side}, batch {batch}, {how} (images/s)",
+                   entries, entries[0], batch, dim=dim, heads=heads, side=side)  # fmt: skip
+
+    if args.json:
+        settings = dict(threads=torch.get_num_threads(), clock=args.clock, pick=pick.__name__, reps=reps,
+                        warmup=args.warmup, num_classes=args.num_classes, torch=torch.__version__)  # fmt: skip
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(dict(benchmark="bench_lsla", settings=settings, groups=groups), indent=1))
+        print(f"\nwrote {args.json}")
 
 
 if __name__ == "__main__":
