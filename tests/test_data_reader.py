@@ -376,3 +376,123 @@ def test_split_locations_resolve_to_shard_urls():
     s3 = "pipe:aws s3 cp s3://bucket/fmnist/test/{name} -"
     assert shard_url(location_template(s3), "test-000003.tar") == "pipe:aws s3 cp s3://bucket/fmnist/test/test-000003.tar -"
     assert shard_url(location_template("/data/{x}/train"), "a.tar") == "/data/{x}/train/a.tar"  # braces in paths
+
+
+# ------------------------------------------------------------------------------------- the tar reader
+
+
+def webdataset_samples(url: str) -> list[dict]:
+    """What webdataset's own tar iterators read from a shard (the reference the fast reader must equal)."""
+    from webdataset import tariterators
+    from webdataset.gopen import gopen
+
+    files = tariterators.tar_file_expander([{"url": url, "stream": gopen(url, "rb")}], eof_value={})
+    return list(tariterators.group_by_keys(files))
+
+
+def test_tar_reader_reads_what_webdataset_reads(tmp_path, indexed):
+    from pipeline.data.tar import read_shard
+
+    root = make_digits_shards(tmp_path / "digits", samples_per_shard=UNEVEN_SHARDS, rgb=True)
+    urls = read_manifest(root / "train").shard_urls() + read_manifest(indexed).shard_urls()
+    for url in urls:
+        expected = webdataset_samples(url)
+        assert expected and list(read_shard(url)) == expected  # keys, extensions, bytes, __url__
+        assert list(read_shard(f"pipe:cat {url}")) == [{**s, "__url__": f"pipe:cat {url}"} for s in expected]
+    # From a manifest offset: the samples from there on.
+    entry, url = read_manifest(indexed).shards[1], read_manifest(indexed).shard_urls()[1]
+    assert len(entry.offsets) > 1
+    assert list(read_shard(url, entry.offsets[1])) == webdataset_samples(url)[64:]
+
+
+def write_tar(path, members, format=None) -> None:
+    """A tar of (name, bytes) members, written by Python's tarfile (PAX by default, as webdataset's TarWriter)."""
+    import io
+    import tarfile
+
+    kwargs = {} if format is None else {"format": format}
+    with tarfile.open(path, "w", **kwargs) as tar:
+        for name, data in members:
+            if data is None:
+                info = tarfile.TarInfo(name)
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+                continue
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("fmt", ["pax", "gnu", "ustar"])
+def test_tar_reader_long_names_directories_and_compression(tmp_path, fmt):
+    import bz2
+    import gzip
+    import lzma
+    import tarfile
+
+    from pipeline.data.tar import iter_samples
+
+    def read(path):  # the grouping alone: read_shard also insists on a label and an image per sample
+        with open(path, "rb") as f:
+            return list(iter_samples(f, str(path)))
+
+    deep = "/".join(["d" * 30] * 4) + "/sub"  # over ustar's 100-byte name field: pax / GNU long name / prefix
+    members = [
+        ("data", None),
+        (f"{deep}/k1.cls", b"1"),
+        (f"{deep}/k1.PNG", b"\x89PNG" + bytes(700)),  # extensions lower-cased, as webdataset does
+        ("__meta__", b"skipped"),
+        ("a.b/k2.seg.cls", b"22"),  # key: up to the first dot of the last component; the rest is the extension
+        ("a.b/k2.jpg", b"jpeg bytes" * 100),
+        ("ünïcode-k3.cls", b"3"),
+        ("ünïcode-k3.png", b""),
+    ]
+    if fmt == "ustar":
+        members = [(n, d) for n, d in members if n.isascii()]
+    path = tmp_path / "shard.tar"
+    write_tar(path, members, {"pax": tarfile.PAX_FORMAT, "gnu": tarfile.GNU_FORMAT, "ustar": tarfile.USTAR_FORMAT}[fmt])
+    expected = webdataset_samples(str(path))
+    assert [s["__key__"] for s in expected][:2] == [f"{deep}/k1", "a.b/k2"]
+    assert "png" in expected[0] and "seg.cls" in expected[1]
+    assert read(path) == expected
+    raw = path.read_bytes()
+    for suffix, compress in (("gz", gzip.compress), ("bz2", bz2.compress), ("xz", lzma.compress)):
+        packed = tmp_path / f"shard.tar.{suffix}"
+        packed.write_bytes(compress(raw))
+        assert read(packed) == [{**s, "__url__": str(packed)} for s in expected]
+
+
+def test_tar_reader_truncation_and_damage_name_the_shard(digits_copy):
+    import tarfile
+
+    from pipeline.data.tar import read_shard
+
+    shard = digits_copy / "test" / "test-000000.tar"
+    original = shard.read_bytes()
+    with tarfile.open(shard) as tar:
+        member = tar.getmembers()[41]  # sample 20's second member
+
+    def read_after(damage) -> list:
+        shard.write_bytes(damage(original))
+        got = []
+        with pytest.raises(ShardError) as info:
+            for sample in read_shard(str(shard)):
+                got.append(sample["__key__"])
+        assert str(shard) in str(info.value)
+        return got, str(info.value)
+
+    keys, message = read_after(lambda b: b[: member.offset_data + member.size // 2])  # cut in a member's data
+    assert len(keys) == 20 and f"after sample '{keys[-1]}'" in message and "truncated" in message
+    keys, message = read_after(lambda b: b[: member.offset + 100])  # cut in a member's header
+    assert len(keys) == 20 and "inside a member header" in message
+    keys, message = read_after(lambda b: b[: member.offset])  # cut between members: sample 20 is half there
+    assert len(keys) == 20 and "without the end-of-archive block at byte" in message
+    end = len(original.rstrip(b"\0")) // 512 * 512 + 512  # all members, without the end-of-archive blocks
+    keys, message = read_after(lambda b: b[:end])  # the last sample might have had more members: not yielded
+    assert len(keys) == 99 and "without the end-of-archive block" in message
+    flipped = bytearray(original)
+    flipped[member.offset + 130] ^= 0x01  # a bit of the size field
+    keys, message = read_after(lambda b: bytes(flipped))
+    assert len(keys) == 20 and f"checksum at byte {member.offset}" in message
+    keys, message = read_after(lambda b: b"not a tar" * 100)
+    assert keys == [] and "before its first sample" in message and "checksum" in message

@@ -13,7 +13,8 @@ rarely all the same size. The partition (``plan_epoch``):
 A rank's range is split across its DataLoader workers the same way, a whole number of batches each, so
 workers batch and collate themselves. A worker reads only the shards its range overlaps; in a local
 shard it seeks close to its range with the byte offsets the manifest keeps (a remote stream is read
-from its start and the samples before the range passed over undecoded). It shuffles (train) through a
+from its start and the samples before the range passed over undecoded); tar parsing is
+``pipeline.data.tar``'s, ~10x cheaper per sample than tarfile's. It shuffles (train) through a
 buffer of raw samples, decodes with PIL and applies the transform. Corrupt samples raise an error
 naming shard and key; with ``skip_corrupt=True`` they become label ``-1`` rows instead (batch counts
 stay equal) and are counted in ``ShardLoader.skipped``.
@@ -44,7 +45,8 @@ from .manifest import (
     read_manifest,
     with_location,
 )
-from .samples import CorruptSampleError, ManifestMismatchError, ShardError, decode_sample, iter_shard
+from .samples import CorruptSampleError, ManifestMismatchError, ShardError, decode_sample
+from .tar import read_shard
 
 __all__ = ["ShardLoader", "Segment", "WorkerPlan", "build_loader", "plan_epoch", "read_manifest"]
 
@@ -168,7 +170,7 @@ class _EpochStream(IterableDataset):
             jump = min(segment.start // OFFSET_STRIDE, len(entry.offsets) - 1)
             if jump > 0 and is_local(url):  # seek near the range instead of parsing the samples before it
                 position, offset = jump * OFFSET_STRIDE, entry.offsets[jump]
-            samples = iter_shard(url, offset)
+            samples = read_shard(url, offset)
             for sample in samples:
                 if position >= segment.start:
                     yield sample
