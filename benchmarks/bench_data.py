@@ -3,6 +3,7 @@
     python -m benchmarks.bench_data             # 10,000 Fashion-MNIST images, a few minutes on 2 cores
     python -m benchmarks.bench_data --long      # all 60,000 training images, more rounds
     python -m benchmarks.bench_data --workers 4 --img-size 64 --eval-transform
+    python -m benchmarks.bench_data --json runs/bench_data.json   # the results as JSON too (benchmarks/run_all.py)
 
 All three readers see the same encoded PNG bytes (the images are written once as an ImageFolder tree,
 and the shards are built from that tree), the same transform (``build_transform``; train mode by
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import io
+import json
 import os
 import resource
 import tempfile
@@ -109,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--img-size", type=int, default=32)
     parser.add_argument("--eval-transform", action="store_true", help="resize + centre crop instead of train aug")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON here")
     args = parser.parse_args(argv)
     count = args.images or (60_000 if args.long else 10_000)
     rounds = args.rounds or (5 if args.long else 3)
@@ -153,6 +156,38 @@ def main(argv: list[str] | None = None) -> None:
     print(f"shards vs imagefolder: {rates['shards'] / rates['imagefolder']:.2f}x images/s, "
           f"{cpu_us['imagefolder'] / cpu_us['shards']:.2f}x CPU per image")
     print(f"shard build (imagefolder -> shards, incl. sha256 and stats): {build_rate:.0f} images/s")
+    if args.json:
+        results = {
+            "benchmark": "data",
+            "dataset": name,
+            "images": count,
+            "img_size": args.img_size,
+            "transform": "eval" if args.eval_transform else "train",
+            "batch_size": args.batch_size,
+            "workers": args.workers,
+            "rounds": rounds,
+            "cpus": os.cpu_count(),
+            "load_average": os.getloadavg()[0],
+            "readers": {
+                reader: {
+                    "images_per_s": rates[reader],
+                    "cpu_ms_per_image": cpu_us[reader] / 1000,
+                    "vs_in_memory": rates[reader] / rates["in-memory"],
+                    "cpu_vs_in_memory": cpu_us["in-memory"] / cpu_us[reader],
+                }
+                for reader in readers
+            },
+            "shards_vs_imagefolder": rates["shards"] / rates["imagefolder"],
+            "shards_vs_imagefolder_cpu": cpu_us["imagefolder"] / cpu_us["shards"],
+            "shard_build_images_per_s": build_rate,
+            # The targets the table is read against (see the module docstring).
+            "targets_met": {
+                "shards_ge_90pct_in_memory": rates["shards"] >= 0.9 * rates["in-memory"],
+                "shards_faster_than_imagefolder": rates["shards"] > rates["imagefolder"],
+            },
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
