@@ -111,6 +111,8 @@ def attention_entry(kind: str, dim: int, heads: int, side: int, batch: int) -> E
     attn = ATTENTION_KINDS[kind](dim, heads)
     shift = (3, 3) if side > 7 else (0, 0)  # the last stage is one window: no shift
     region_ids = window_region_ids((side, side), (7, 7), shift)
+    if region_ids is not None:  # as the backbone's blocks do: masks made once, kept by the attention
+        attn.bind_region_ids(region_ids)
     x = torch.randn(batch * (side // 7) ** 2, 49, dim, requires_grad=True)
 
     def train() -> None:

@@ -156,6 +156,33 @@ def test_window_lsla_matches_einsum_reference(knobs):
         torch.testing.assert_close(attn(x, ids), reference_lsla(x, attn, same), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {},
+        {"ds_param": "log", "bias_sharing": "heads"},
+        {"kv": "qxv", "bias_sharing": "tied"},
+        {"kv": "qkv", "scale": "fixed"},
+        {"outer_bias": False},
+    ],
+)
+@pytest.mark.parametrize("shifted", [False, True])
+def test_window_lsla_gradients_match_einsum_reference(knobs, shifted):
+    """The training path's hand-written backward against autograd through the reference, every table and x."""
+    torch.manual_seed(7)
+    attn = WindowLSLA(C, HEADS, window_size=WINDOW, **knobs).double()
+    randomize_tables(attn)
+    x = torch.randn(2 * 4, N, C, dtype=torch.float64, requires_grad=True)
+    ids, same = shifted_region_ids(batch_images=2) if shifted else (None, None)
+    weights = torch.randn(2 * 4, N, C, dtype=torch.float64)
+    inputs = [x, *attn.parameters()]
+    grads = torch.autograd.grad((attn(x, ids) * weights).sum(), inputs)
+    expected = torch.autograd.grad((reference_lsla(x, attn, same) * weights).sum(), inputs)
+    names = ["x", *(name for name, _ in attn.named_parameters())]
+    for name, got, want in zip(names, grads, expected):
+        torch.testing.assert_close(got, want, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_masked_attention_and_outer_bias_are_exactly_zero():
     torch.manual_seed(2)
     attn = WindowLSLA(C, HEADS, window_size=WINDOW)
@@ -194,6 +221,26 @@ def test_region_mask_follows_the_region_ids(cls):
     assert not torch.allclose(attn(x, ids), attn(x, other))
 
 
+@pytest.mark.parametrize("cls", [WindowLSLA, WindowMSA])
+def test_bound_region_masks_match_masks_built_at_the_call(cls):
+    """A block binds its region ids once; the masks kept as buffers give what masks built per call give."""
+    torch.manual_seed(5)
+    attn = cls(C, HEADS, window_size=WINDOW)
+    randomize_tables(attn)
+    x = torch.randn(4, N, C)
+    ids, _ = shifted_region_ids()
+    with torch.inference_mode():
+        attn.bind_region_ids(ids)
+        bound = attn(x, attn.region_ids)
+    attn(x, attn.region_ids).sum().backward()  # masks bound under inference mode serve a training step
+    assert attn.region_ids is ids and attn.region_bias.shape == attn.region_keep.shape == (4, 1, N, N)
+    torch.testing.assert_close(bound, attn(x, ids.clone()), rtol=0, atol=0)  # another tensor: built at the call
+    assert not torch.allclose(bound, attn(x))  # and the masks do mask
+    attn.double()  # the masks are buffers: they follow the module
+    assert attn.region_bias.dtype == attn.region_keep.dtype == torch.float64
+    torch.testing.assert_close(attn(x.double(), attn.region_ids), bound.double(), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("attn", ["lsla", "msa"])
 def test_shifted_window_block_exports_without_side_effects(attn):
     """torch.export traces a shifted-window block: the mask is computed in the graph, nothing is written to the module."""
@@ -205,6 +252,7 @@ def test_shifted_window_block_exports_without_side_effects(attn):
         attn_layer=window_attention_class(attn), attn_kwargs={},
     ).eval()  # fmt: skip
     randomize_tables(block.attn)
+    assert block.region_ids is block.attn.region_ids is not None  # the block passes the attention's bound ids
     x = torch.randn(2, 8, 8, C)
     attributes = {name: set(m.__dict__) for name, m in block.named_modules()}
     program = torch.export.export(block, (x,))

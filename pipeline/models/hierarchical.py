@@ -121,7 +121,19 @@ class HierarchicalBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.register_buffer("region_ids", window_region_ids(resolution, window_size, shift_size), persistent=False)
+        region_ids = window_region_ids(resolution, window_size, shift_size)
+        # a kind that can bind them keeps the ids and the masks made from them (buffers, built once);
+        # the block then passes the attention's own buffer, others get the block's
+        bind = getattr(self.attn, "bind_region_ids", None)
+        if region_ids is not None and bind is not None:
+            bind(region_ids)
+            region_ids = None
+        self.register_buffer("own_region_ids", region_ids, persistent=False)
+
+    @property
+    def region_ids(self) -> torch.Tensor | None:
+        """``(num_windows, N)`` region ids given to the attention, or ``None`` when nothing is masked."""
+        return self.own_region_ids if self.own_region_ids is not None else getattr(self.attn, "region_ids", None)
 
     def _window_attention(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape

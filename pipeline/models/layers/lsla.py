@@ -39,8 +39,9 @@ from numbers import Real
 import torch
 from timm.layers import to_2tuple, trunc_normal_
 from torch import nn
+from torch.autograd.function import once_differentiable
 
-from .window_msa import check_heads, check_windows, cross_region_mask, relative_position_index
+from .window_msa import BoundRegions, check_heads, check_windows, relative_position_index
 
 __all__ = ["WindowLSLA", "GlobalLSLA", "global_relative_position_index"]
 
@@ -81,6 +82,37 @@ def global_relative_position_index(grid_size: tuple[int, int], num_prefix_tokens
     index[P:, :P] = num_grid + 1  # query is a patch, key a prefix token
     index[:P, :P] = num_grid + 2
     return index, num_grid + 3
+
+
+class _LimitedSoftmax(torch.autograd.Function):
+    """``A' = softmax(S ⊙ DS + B_i) + B_o`` for training, with a hand-written backward.
+
+    Autograd's ``addcmul`` backward multiplies the incoming gradient by the (unit) scalar before
+    multiplying by ``DS``: one extra pass over ``(B, heads, N, N)``, about a fifth of what ``DS`` and
+    ``B_o`` add to a training step (profiled at Swin-T's first stage). Here: softmax backward, then
+    ``g ⊙ DS`` for ``S``, batch sums of ``g ⊙ S``, ``g`` and the incoming gradient for ``DS``, ``B_i`` and
+    ``B_o``. ``ds`` and ``outer`` may be ``None``; the tables broadcast against ``scores``.
+    """
+
+    @staticmethod
+    def forward(ctx, scores, ds, inner, outer):
+        logits = torch.addcmul(inner, scores, ds) if ds is not None else scores + inner
+        probs = logits.softmax(dim=-1)
+        ctx.save_for_backward(scores if ds is not None else None, ds, probs)
+        ctx.inner_shape, ctx.outer_shape = inner.shape, None if outer is None else outer.shape
+        return probs + outer if outer is not None else probs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        scores, ds, probs = ctx.saved_tensors
+        need_scores, need_ds, need_inner, need_outer = ctx.needs_input_grad
+        g_outer = grad.sum_to_size(ctx.outer_shape) if need_outer else None
+        g_logits = torch.ops.aten._softmax_backward_data(grad, probs, -1, probs.dtype)
+        g_scores = (g_logits * ds if ds is not None else g_logits) if need_scores else None
+        g_ds = (g_logits * scores).sum_to_size(ds.shape) if need_ds else None
+        g_inner = g_logits.sum_to_size(ctx.inner_shape) if need_inner else None
+        return g_scores, g_ds, g_inner, g_outer
 
 
 class _LightSelfLimitedAttention(nn.Module):
@@ -193,9 +225,17 @@ class _LightSelfLimitedAttention(nn.Module):
         inner: torch.Tensor,
         outer: torch.Tensor | None,
         attn_bias: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``A' = softmax(S ⊙ DS + B_i [+ attn_bias]) + B_o``; returns ``(A', logits)``. Tables broadcast."""
+        keep_logits: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``A' = softmax(S ⊙ DS + B_i [+ attn_bias]) + B_o``; returns ``(A', logits)``. Tables broadcast.
+
+        ``logits`` is ``None`` on the training path that does not keep them (no ``attn_bias``, no dropout):
+        callers that want the logits pass ``keep_logits=True``.
+        """
         inplace = not torch.is_grad_enabled()  # inference: reuse buffers, each (B, heads, N, N) costs
+        dropout = self.training and self.attn_drop.p > 0
+        if not inplace and not keep_logits and attn_bias is None and not dropout:
+            return _LimitedSoftmax.apply(scores, ds, inner, outer), None
         if inplace:
             logits = torch.addcmul(inner, scores, ds, out=scores) if ds is not None else scores.add_(inner)
             if attn_bias is not None:
@@ -223,7 +263,7 @@ class _LightSelfLimitedAttention(nn.Module):
         )
 
 
-class WindowLSLA(_LightSelfLimitedAttention):
+class WindowLSLA(BoundRegions, _LightSelfLimitedAttention):
     """LSLA inside Swin windows (window contract of ``pipeline.models.layers``).
 
     ``WindowLSLA(dim, num_heads, window_size=(7, 7), **knobs)``; the knobs are described in the module
@@ -249,6 +289,7 @@ class WindowLSLA(_LightSelfLimitedAttention):
         )  # fmt: skip
         self.window_size = window_size
         self.window_area = window_size[0] * window_size[1]
+        self._init_bound_regions()
 
     @staticmethod
     def stage_shared_params(num_heads: int, window_size: tuple[int, int], **knobs) -> dict[str, nn.Parameter]:
@@ -269,10 +310,10 @@ class WindowLSLA(_LightSelfLimitedAttention):
         ds, inner, outer = self._tables()
         scores = q @ k.transpose(-2, -1)
         if region_ids is not None:
-            cross = cross_region_mask(region_ids)  # (nW, 1, N, N)
-            inner = inner.masked_fill(cross, float("-inf"))  # weight exactly 0 after the softmax
+            bias, keep = self.region_masks(region_ids, inner.dtype)  # (nW, 1, N, N) each
+            inner = inner + bias  # -inf across regions: weight exactly 0 after the softmax
             if outer is not None:
-                outer = outer.masked_fill(cross, 0.0)  # or B_o would leak the masked tokens back in
+                outer = outer * keep  # zero there, or B_o would leak the masked tokens back in
             scores = scores.view(-1, num_windows, self.num_heads, N, N)
         attn, _ = self._limited_softmax(scores, ds, inner, outer)
         return attn.view(B_, self.num_heads, N, N), v
@@ -336,5 +377,5 @@ class GlobalLSLA(_LightSelfLimitedAttention):
             )
         q, k, v = self._project(x)
         ds, inner, outer = self._tables()
-        attn, logits = self._limited_softmax(q @ k.transpose(-2, -1), ds, inner, outer, attn_bias)
+        attn, logits = self._limited_softmax(q @ k.transpose(-2, -1), ds, inner, outer, attn_bias, return_logits)
         return self._output(attn, v), (logits if return_logits else None)
