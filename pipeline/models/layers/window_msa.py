@@ -2,7 +2,8 @@
 
 Implements the window contract of ``pipeline.models.layers``: ``forward(x, region_ids=None)`` on
 ``(B * num_windows, N, C)`` windows. Also home of the helpers the window kinds share: the relative
-position index of a window, the mask made from ``region_ids`` and the input checks.
+position index of a window, the masks made from ``region_ids`` (built once per block by
+``BoundRegions``) and the input checks.
 """
 
 from __future__ import annotations
@@ -23,10 +24,8 @@ def relative_position_index(window_size: tuple[int, int], device=None) -> torch.
 def cross_region_mask(region_ids: torch.Tensor) -> torch.Tensor:
     """``(num_windows, N)`` region ids -> ``(num_windows, 1, N, N)`` bool, True where query and key lie in different regions.
 
-    Built at every call, not cached on the module: a cache written during the forward is a side effect
-    that ``torch.export`` / ``torch.compile`` would trace, and one made under ``torch.inference_mode``
-    would be an inference tensor. The compare is one pass over ``(num_windows, N, N)``, a small fraction
-    of one pass over a batch's ``(B, num_windows, heads, N, N)`` logits.
+    A pure function of its input, so tracing (``torch.export`` / ``torch.compile``) sees no side effect;
+    backbones build it once per block through ``BoundRegions.bind_region_ids``.
     """
     return (region_ids.unsqueeze(-1) != region_ids.unsqueeze(-2)).unsqueeze(1)
 
@@ -42,11 +41,12 @@ def region_masks(region_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -
 
 
 class BoundRegions:
-    """Mixin for window attention kinds (``nn.Module``\ s): region masks made once, from a block's region ids.
+    """Mixin for window attention kinds (``nn.Module`` subclasses): region masks made once, from a block's ids.
 
     A backbone block calls ``bind_region_ids`` once and then passes the module's own ``region_ids``
-    buffer at every call; the masks are non-persistent buffers, so they follow ``.to()`` and export
-    sees them as constants. Any other ``region_ids`` tensor gets its masks built at the call.
+    buffer at every call. The masks are non-persistent buffers: they follow ``.to()``, and a traced
+    forward only reads them. They are made at binding, so ids changed in place need a new bind; any
+    other ``region_ids`` tensor gets its masks built at the call.
     """
 
     def _init_bound_regions(self) -> None:
