@@ -88,8 +88,8 @@ class _LimitedSoftmax(torch.autograd.Function):
     """``A' = softmax(S ⊙ DS + B_i) + B_o`` for training, with a hand-written backward.
 
     Autograd's ``addcmul`` backward multiplies the incoming gradient by the (unit) scalar before
-    multiplying by ``DS``: one extra pass over ``(B, heads, N, N)``, about a fifth of what ``DS`` and
-    ``B_o`` add to a training step (profiled at Swin-T's first stage). Here: softmax backward, then
+    multiplying by ``DS``: one extra pass over ``(B, heads, N, N)`` (forward + backward of this step
+    12.8 -> 11.8 ms at Swin-T's first stage, batch 4, one thread). Here: softmax backward, then
     ``g ⊙ DS`` for ``S``, batch sums of ``g ⊙ S``, ``g`` and the incoming gradient for ``DS``, ``B_i`` and
     ``B_o``. ``ds`` and ``outer`` may be ``None``; the tables broadcast against ``scores``.
     """
