@@ -4,8 +4,9 @@
 ``dataset-fashion-mnist``) becomes WebDataset shards; a local Ray with 2 CPU workers trains the small
 ViT-LSLA, Castling-ViT and DVT models and their ``msa`` twins; two small Ray Tune sweeps search LSLA's
 dynamic-scale initialisation and outer-bias sharing, and Castling's mask-regularisation strength;
-the LSLA sweep's best checkpoint is registered as ``champion`` in MLflow's registry and evaluated
-from there on the test split. Everything lands in one local MLflow store.
+each sweep's best checkpoint is registered with the alias ``champion`` in MLflow's registry, as is the
+DVT cascade's, and each is evaluated from there on the test split (DVT with its budget curve: accuracy
+against expected MACs). Everything lands in one local MLflow store.
 
 Re-running is safe: shards that exist are reused, finished runs are not trained again, and a sweep
 that exists is resumed (``--new`` starts every run and sweep over).
@@ -160,25 +161,54 @@ def run_sweeps(config_path: Path, data_dir: Path, work: Path, tracking_uri: str,
     return results
 
 
-def print_results(rows: list[dict], sweeps: list, evaluation, tracking_uri: str) -> None:
-    print("\n[demo] === results (Fashion-MNIST) ===")
-    print(f"{'model':<20} {'params (M)':>10} {'GMACs':>8} {'val top-1 %':>12} {'train img/s':>12}")
+def register_and_evaluate(rows: list[dict], sweeps: list, data_dir: Path, work: Path, tracking_uri: str) -> list:
+    """Each sweep's champion (registered by the sweep) and the DVT cascade's run, registered here, evaluated
+    from the registry on the test split; DVT's evaluation adds its budget curve (JSON + PNG)."""
+    from pipeline.eval.evaluate import evaluate_model
+    from pipeline.registry import promote_run
+
+    promotions = [s.promotion for s in sweeps if s.promotion is not None]
+    for row in rows:
+        if row["model"].startswith("dvt_"):
+            promotions.append(promote_run(row["run_id"], tracking_uri=tracking_uri, name=f"demo-{row['model']}"))
+    evaluations = []
+    for promotion in promotions:
+        out_dir = work / "evaluations" / promotion.name
+        print(f"\n[demo] === evaluating {promotion.uri} (version {promotion.version}) on the test split ===")
+        evaluations.append((promotion, evaluate_model(promotion.uri, data_dir, split="test", tracking_uri=tracking_uri,
+                                                      out_dir=out_dir), out_dir))  # fmt: skip
+    return evaluations
+
+
+def _knobs(values: dict) -> str:
+    """Searched values, short: the last part of each dotted name, floats to 3 significant digits."""
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
+                     for k, v in values.items())  # fmt: skip
+
+
+def print_results(rows: list[dict], sweeps: list, evaluations: list, tracking_uri: str) -> None:
+    print("\n[demo] === results (Fashion-MNIST, validation split) ===")
+    print(f"{'model':<20} {'params (M)':>10} {'MMACs':>8} {'val top-1 %':>12} {'train img/s':>12}")
     for r in rows:
         top1 = f"{r['val_top1']:.2f}" if r["val_top1"] is not None else "-"
         speed = f"{r['images_per_s']:.0f}" if r["images_per_s"] is not None else "-"
-        print(f"{r['model']:<20} {r['params_m']:>10.3f} {r['gmacs']:>8.4f} {top1:>12} {speed:>12}")
+        print(f"{r['model']:<20} {r['params_m']:>10.3f} {r['gmacs'] * 1e3:>8.2f} {top1:>12} {speed:>12}")
     for result in sweeps:
-        best = result.best
-        if best is not None:
-            knobs = ", ".join(f"{k}={v}" for k, v in best.values.items())
-            print(f"sweep {result.name}: best {result.metric} = {best.best:.4f} ({knobs})")
-        if result.promotion is not None:
-            print(f"  registered: {result.promotion}")
-    if evaluation is not None:
-        print("\n[demo] champion evaluated from the registry:")
-        print(evaluation.summary())
-    store = tracking_uri
-    print(f"\n[demo] browse everything:  .venv/bin/mlflow ui --backend-store-uri {store} --port 5000")
+        if result.best is not None:
+            print(f"sweep {result.name}: best {result.metric} = {result.best.best:.2f} ({_knobs(result.best.values)})")
+    if evaluations:
+        print("\n[demo] === registered models, evaluated from the registry (test split) ===")
+        print(f"{'model URI':<42} {'version':>7} {'test top-1 %':>12} {'top-5 %':>8}  what else")
+        for promotion, report, out_dir in evaluations:
+            extra = ""
+            if report.budget is not None:
+                cheap = min(report.budget.points, key=lambda p: p.expected_gmacs)
+                extra = (f"budget curve {out_dir / 'dvt_budget.png'} (from {cheap.expected_gmacs * 1e3:.1f} MMACs at "
+                         f"{cheap.top1:.1f}%); anytime top-1 per exit: "
+                         + ", ".join(f"{a:.1f}" for a in report.budget.anytime_top1))  # fmt: skip
+            print(f"{promotion.uri:<42} {promotion.version:>7} {report.metrics['top1']:>12.2f} "
+                  f"{report.metrics['top5']:>8.2f}  {extra}")  # fmt: skip
+    print(f"\n[demo] browse everything:  .venv/bin/mlflow ui --backend-store-uri {tracking_uri} --port 5000")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     profile = PROFILES[args.profile]
     work = Path(args.work_dir).resolve() / args.profile
     work.mkdir(parents=True, exist_ok=True)
@@ -216,14 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ray.shutdown()
 
-    evaluation = None
-    champion = next((s.promotion for s in sweeps if s.promotion is not None), None)
-    if champion is not None:
-        from pipeline.eval.evaluate import evaluate_model
-
-        evaluation = evaluate_model(champion.uri, data_dir, split="test", tracking_uri=tracking_uri,
-                                    out_dir=work / "champion-eval")  # fmt: skip
-    print_results(rows, sweeps, evaluation, tracking_uri)
+    evaluations = register_and_evaluate(rows, sweeps, data_dir, work, tracking_uri)
+    print_results(rows, sweeps, evaluations, tracking_uri)
     return 0
 
 
