@@ -8,7 +8,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 export RAY_USAGE_STATS_ENABLED = 0
 export MLFLOW_DISABLE_TELEMETRY = true
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench clean
 
 setup: $(STAMP)
 
@@ -27,7 +27,11 @@ demo: setup $(FMNIST)/train-images-idx3-ubyte.gz
 	$(PY) -m pipeline.demo --quick
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
+
+# Every benchmark, one after another, into BENCHMARKS.md (about an hour on 2 idle cores).
+bench: setup $(FMNIST)/train-images-idx3-ubyte.gz
+	$(PY) -m benchmarks.run_all
 
 clean:
 	rm -rf $(VENV) build *.egg-info
