@@ -207,6 +207,11 @@ def test_lsla_stage_sharing_ties_one_outer_bias_table_across_blocks():
     own(x).sum().backward()
     summed = sum(block.attn.outer_bias_table.grad for block in own.blocks)
     torch.testing.assert_close(table.grad, summed)
+    # tables are position parameters, kept out of weight decay under every alias
+    nwd = model.no_weight_decay()
+    assert {"shared_attn_params.shared_outer_bias_table", "blocks.2.attn.outer_bias_table",
+            "blocks.0.attn.scale_table", "blocks.1.attn.inner_bias_table", "pos_embed", "cls_token"} <= nwd
+    assert not any(n.endswith(("q.weight", "proj.weight", "fc1.weight")) for n in nwd)
 
 
 def test_training_step_reduces_loss():

@@ -258,7 +258,11 @@ class VisionTransformer(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token"}
+        """Position embedding, class token, and attention tables (LSLA's scale and bias tables, tied
+        outer-bias gains), every alias of a shared one: as the hierarchical backbone."""
+        tables = {name for name, _ in self.named_parameters(remove_duplicate=False)
+                  if name.endswith("_table") or name.endswith("outer_bias_gain")}  # fmt: skip
+        return {"pos_embed", "cls_token"} | tables
 
     def get_classifier(self) -> nn.Module:
         return self.head
