@@ -105,7 +105,10 @@ def test_a_sweep_stops_the_bad_trial_resumes_after_an_interruption_and_registers
         assert child.info.run_id == row.run_id and float(child.data.params["optim.lr"]) == row.values["optim.lr"]
         assert child.data.params["checkpoint.metric"] == "val/loss"  # each trial keeps its checkpoints by it
         losses = _history(client, child.info.run_id, "val/loss")
-        assert sorted(losses) == list(range(1, row.epochs + 1)) and math.isclose(min(losses.values()), row.best)
+        # Tune stops a trial asynchronously: on a fast machine its worker may log one more epoch first
+        seen = {epoch: loss for epoch, loss in losses.items() if epoch <= row.epochs}
+        assert sorted(seen) == list(range(1, row.epochs + 1)) and math.isclose(min(seen.values()), row.best)
+        assert row.status != "completed" or len(losses) == row.epochs
         if row.status == "completed":
             assert child.info.status == "FINISHED" and "curves.png" in _artifacts(client, child.info.run_id)
         else:
@@ -158,6 +161,9 @@ def _row(trial_id, status, best, lr, sharing, epochs=2):
 def test_a_trial_status_comes_from_its_run_and_from_tune():
     assert _status("finished", "TERMINATED", False) == "completed"
     assert _status("running", "TERMINATED", False) == "stopped early"  # ended by the scheduler
+    # ended by the scheduler while rank 0 saw its controller die (the trial's placement group removed)
+    assert _status("failed: ActorDiedError: ... placement group was removed", "TERMINATED", False) == "stopped early"
+    assert _status("failed: ValueError: boom", None, False) == "failed"  # a trial that failed by itself
     assert _status("running", "PENDING", False) == "unfinished"  # ended by an interruption: resumes
     assert _status("running", None, False) == "unfinished"
     assert _status("non_finite_loss", "TERMINATED", False) == "non-finite loss"

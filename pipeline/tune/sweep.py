@@ -264,10 +264,12 @@ def _status(tag: str | None, tune_status: str | None, error: bool) -> str:
         return "non-finite loss"
     if tag.startswith(STOPPED_EARLY):
         return "stopped early"
-    if tag.startswith("failed"):
+    if tag.startswith("failed") and tune_status != "TERMINATED":
         return "failed"
-    # Still "running": the trial's actor was ended from outside. Tune does that to a trial the scheduler
-    # stops (Tune calls it TERMINATED), and to every running trial when the sweep is interrupted.
+    # Still "running", or "failed" by an error that ending the trial caused (the train controller's actor
+    # dying with the trial's placement group): the trial was ended from outside. Tune does that to a trial
+    # the scheduler stops (Tune calls it TERMINATED: a trial that fails by itself is ERROR), and to every
+    # running trial when the sweep is interrupted.
     return "stopped early" if tune_status == "TERMINATED" else "unfinished"
 
 
