@@ -111,11 +111,15 @@ def run(bench: Benchmark, quick: bool, scratch: Path) -> dict:
                 output=_printed_tables(lines))  # fmt: skip
 
 
+PROGRESS_BAR = re.compile(r"\d+/\d+ \[[\d:<?]")  # tqdm's "123/8000 [00:01<..." (its \r became newlines)
+LOG_NOISE = ("INFO", "WARNING", "(pid=", "(RayTrainWorker", "(TrainController", "View detailed results",
+             "Creating initial MLflow", "Updating database", "Started a local Ray", "Token authentication")  # fmt: skip
+
+
 def _printed_tables(lines: list[str]) -> str:
     """The benchmark's own output, minus progress bars and library log noise."""
-    noise = ("INFO", "WARNING", "(pid=", "(RayTrainWorker", "(TrainController", "View detailed results", "\r",
-             "Creating initial MLflow", "Updating database", "Started a local Ray", "Token authentication")
-    return "".join(line for line in lines if not any(n in line for n in noise)).strip()
+    kept = [line for line in lines if not any(n in line for n in LOG_NOISE) and not PROGRESS_BAR.search(line)]
+    return re.sub(r"\n{3,}", "\n\n", "".join(kept)).strip()
 
 
 # ---- the summary: (area, figure, measured, target or paper, verdict) rows ----
