@@ -227,13 +227,13 @@ def summarise_accuracy(d: dict) -> list[tuple]:
 SUMMARISE = {b.key: globals()[f"summarise_{b.key}"] for b in BENCHMARKS}
 
 
-def report(results: list[dict], info: dict, quick: bool, started: str) -> str:
+def report(results: list[dict], info: dict, quick: bool, started: str, commit: str) -> str:
     gpu = f"; GPU: {info['gpu']}" if info["gpu"] else "; no GPU (all figures are CPU)"
     lines = [
         "# Benchmarks",
         "",
         f"Written by `python -m benchmarks.run_all{' --quick' if quick else ''}` (`make bench`) on {started}, "
-        f"commit {git_commit()}.",
+        f"commit {commit}.",
         "",
         f"**Machine:** {info['cpu']}, {info['cores']} cores, "
         + (f"{info['mem_gib']:.0f} GiB memory" if info["mem_gib"] else "memory unknown")
@@ -294,11 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
     args = parser.parse_args(argv)
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    info = machine()
+    info, commit = machine(), git_commit()  # the code measured: before anything can change under the run
     chosen = [b for b in BENCHMARKS if not args.only or b.key in args.only]
     with tempfile.TemporaryDirectory(prefix="vitpipe-bench-") as scratch:
         results = [run(b, args.quick, Path(scratch)) for b in chosen]
-    args.out.write_text(report(results, info, args.quick, started))
+    args.out.write_text(report(results, info, args.quick, started, commit))
     failed = [r["key"] for r in results if r["data"] is None]
     print(f"\nwrote {args.out}" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
