@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="profile", action="store_const", const="quick",
-                      help="6,000 training images, 2 epochs, 3-trial sweeps: a few minutes on 2 cores (default)")
+                      help="6,000 training images, 2 epochs, 3-trial sweeps: ~15 min on 2 idle cores (default)")
     size.add_argument("--full", dest="profile", action="store_const", const="full",
                       help="all of Fashion-MNIST, 10 epochs, 8-trial sweeps")
     parser.set_defaults(profile="quick")
