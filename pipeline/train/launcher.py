@@ -16,6 +16,7 @@ Heavy imports (torch, ray, mlflow) happen inside functions so that ``vitpipe --h
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Any
@@ -24,7 +25,8 @@ import yaml
 
 from pipeline.train.config import ConfigError, TrainConfig, flatten, load_config, resolve_config
 
-__all__ = ["NonFiniteLossError", "TrainingError", "add_arguments", "build_trainer", "main", "prepare", "train"]
+__all__ = ["NonFiniteLossError", "TrainingError", "add_arguments", "build_trainer", "ensure_ray", "main", "prepare",
+           "train"]
 
 
 class TrainingError(RuntimeError):
@@ -113,8 +115,9 @@ def build_trainer(config: TrainConfig, *, mlflow_run_id: str | None, callbacks: 
     )
 
 
-def _ensure_ray(config: TrainConfig, address: str | None) -> None:
-    """Connect to the cluster if one is named, else start a local Ray sized for the config's workers."""
+def ensure_ray(config: TrainConfig, address: str | None, *, cpus_needed: float | None = None) -> None:
+    """Connect to the cluster if one is named, else start a local Ray with at least ``cpus_needed``
+    logical CPUs (default: what the config's workers ask for)."""
     import ray
 
     if ray.is_initialized():
@@ -132,10 +135,11 @@ def _ensure_ray(config: TrainConfig, address: str | None) -> None:
                 f"scaling.use_gpu: {config.scaling.num_workers} GPU workers asked, this machine has "
                 f"{torch.cuda.device_count()} GPU(s) and no cluster address was given (--address or ray_address)"
             )
-    needed = config.scaling.num_workers * config.scaling.cpus_per_worker
-    cpus = max(os.cpu_count() or 1, int(-(-needed // 1)))  # logical CPUs: never fewer than the workers ask
-    print(f"[vitpipe] starting a local Ray ({cpus} CPUs) for {config.scaling.num_workers} worker(s)")
-    ray.init(num_cpus=cpus)  # with the dashboard: its state API lets Ray Train clean up after a crash
+    if cpus_needed is None:
+        cpus_needed = config.scaling.num_workers * config.scaling.cpus_per_worker
+    cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed))  # logical CPUs: never fewer than asked for
+    print(f"[vitpipe] starting a local Ray ({cpus} CPUs)")
+    ray.init(num_cpus=cpus)  # with the dashboard: Ray Train's placement-group cleaner polls its state API
 
 
 def _resume_point(config: TrainConfig, new: bool) -> dict[str, Any] | None:
@@ -194,7 +198,7 @@ def train(config: TrainConfig, *, new: bool = False, address: str | None = None)
           f"experiment {config.mlflow.experiment!r}")  # fmt: skip
 
     if config.scaling.num_workers > 0:  # 0: Ray Train's local mode runs the loop in this process
-        _ensure_ray(config, address)
+        ensure_ray(config, address)
     from ray.train import TrainingFailedError
 
     trainer = build_trainer(config, mlflow_run_id=run_id)

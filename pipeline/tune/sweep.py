@@ -90,22 +90,6 @@ def default_concurrency(cluster: dict[str, float], need: dict[str, float]) -> in
     return min(fits)
 
 
-def _ensure_ray(config: TrainConfig, address: str | None) -> None:
-    """Connect to the cluster if one is named, else start a local Ray big enough for one trial."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or config.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        print(f"[vitpipe] connecting to the Ray cluster at {address}")
-        ray.init(address=address)
-        return
-    cpus = max(os.cpu_count() or 1, math.ceil(trial_resources(config)["CPU"]))
-    print(f"[vitpipe] starting a local Ray ({cpus} CPUs)")
-    ray.init(num_cpus=cpus)  # with the dashboard: Ray Train's placement-group cleaner polls its state API
-
-
 # --------------------------------------------------------------------------------------------------
 # One trial (runs in the Tune trial actor).
 
@@ -453,7 +437,7 @@ def run_sweep(
 
     from pipeline import tracking
     from pipeline.train.checkpoint import delete_run_dir
-    from pipeline.train.launcher import check_model_and_optimisation
+    from pipeline.train.launcher import check_model_and_optimisation, ensure_ray
 
     metric, mode = check_space(space, config)
     base = TrainConfig.from_dict(apply_overrides(config.to_dict(), {"checkpoint.metric": metric, "checkpoint.mode": mode}))
@@ -467,7 +451,7 @@ def run_sweep(
     if new and delete_run_dir(path):
         print(f"[vitpipe] --new: removed the previous sweep in {path}")
 
-    _ensure_ray(base, address)
+    ensure_ray(base, address, cpus_needed=trial_resources(base)["CPU"])  # one trial at least
     import ray
     from ray import tune
 
