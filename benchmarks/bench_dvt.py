@@ -24,7 +24,6 @@ Needs the Debian package dataset-fashion-mnist (idx files in /usr/share/datasets
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import statistics
@@ -32,11 +31,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 import pipeline.models  # noqa: F401  (registers the models)
+from pipeline.data.sources import idx_source
 from pipeline.eval.dvt_budget import calibrate_and_sweep
 from pipeline.models.counting import count_macs, count_params
 from pipeline.models.dvt import DynamicVisionTransformer, cascade_loss
@@ -45,21 +44,14 @@ FASHION = Path("/usr/share/datasets/fashion-mnist")
 MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST training-set pixel statistics
 
 
-def read_idx(path: Path) -> np.ndarray:
-    data = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
-    if data[:2] != b"\x00\x00" or data[2] != 0x08:
-        raise ValueError(f"{path}: not an unsigned-byte idx file")
-    ndim = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def load_split(prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (N, 1, 32, 32) normalised, zero-padded from 28x28 (padding keeps pixels exact), and labels."""
-    images = torch.from_numpy(read_idx(FASHION / f"{prefix}-images-idx3-ubyte.gz").copy()).float() / 255
-    labels = torch.from_numpy(read_idx(FASHION / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64))
-    images = F.pad((images - MEAN) / STD, (2, 2, 2, 2), value=-MEAN / STD)
-    return images.unsqueeze(1), labels
+def load_splits() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Train and test images (N, 1, 32, 32) normalised, zero-padded from 28x28 (padding keeps pixels exact),
+    and labels."""
+    out = {}
+    for split, (images, labels) in idx_source(FASHION).splits.items():
+        x = (torch.from_numpy(images.copy()).float() / 255 - MEAN) / STD
+        out[split] = F.pad(x, (2, 2, 2, 2), value=-MEAN / STD).unsqueeze(1), torch.from_numpy(labels)
+    return out
 
 
 def batches(images: torch.Tensor, labels: torch.Tensor, size: int):
@@ -158,8 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     wall = time.perf_counter()
 
-    train_x, train_y = load_split("train")
-    test_x, test_y = load_split("t10k")
+    splits = load_splits()
+    (train_x, train_y), (test_x, test_y) = splits["train"], splits["test"]
     perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(args.seed))
     fit, held_out = perm[:args.train_images], perm[args.train_images:args.train_images + args.val_images]
     cascade, alone = build_models(args)
