@@ -9,7 +9,7 @@ from timm.models.swin_transformer import SwinTransformerBlock
 
 import pipeline.models  # noqa: F401  (registers the factories)
 from pipeline.models.counting import count_macs, count_params
-from pipeline.models.hierarchical import HierarchicalViT, window_region_ids
+from pipeline.models.hierarchical import ConvStem, HierarchicalViT, window_region_ids
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -97,6 +97,39 @@ def test_small_variants_at_32_and_64_with_one_or_three_channels():
     at64 = timm.create_model("vit_lsla_nano", img_size=64)
     assert [s.blocks[1].shift_size for s in at64.layers] == [(2, 2), (2, 2), (0, 0), (0, 0)]
     assert count_params(nano) < 1.5e6
+
+
+def test_stem_computes_conv_bn_gelu_conv_layernorm():
+    """The stem runs channels-last for speed; values, batch statistics and gradients are those of the plain NCHW chain."""
+    F = torch.nn.functional
+    torch.manual_seed(3)
+    stem = ConvStem(3, 16)
+    with torch.no_grad():
+        stem.bn.weight.uniform_(0.5, 1.5), stem.bn.bias.uniform_(-0.5, 0.5)
+        stem.norm.weight.uniform_(0.5, 1.5), stem.norm.bias.uniform_(-0.5, 0.5)
+    params = {name: p.detach().clone().requires_grad_() for name, p in stem.named_parameters()}
+    running = (stem.bn.running_mean.clone(), stem.bn.running_var.clone())
+
+    def reference(x, training):
+        x = F.conv2d(x, params["conv1.weight"], stride=2, padding=1)
+        x = F.batch_norm(x, *running, params["bn.weight"], params["bn.bias"], training=training, momentum=0.1)
+        x = F.conv2d(F.gelu(x), params["conv2.weight"], params["conv2.bias"], stride=2, padding=1)
+        return F.layer_norm(x.permute(0, 2, 3, 1), (16,), params["norm.weight"], params["norm.bias"])
+
+    x = torch.randn(2, 3, 20, 18)
+    weight = torch.randn(2, 5, 5, 16)  # a loss that weighs every output differently
+    out, expected = stem(x), reference(x, True)
+    assert out.shape == (2, 5, 5, 16) and out.is_contiguous()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(stem.bn.running_mean, running[0])
+    torch.testing.assert_close(stem.bn.running_var, running[1])
+    (out * weight).sum().backward()
+    (expected * weight).sum().backward()
+    for name, p in stem.named_parameters():  # oneDNN sums in another order: float32 rounding differs
+        torch.testing.assert_close(p.grad, params[name].grad, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+    stem.eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(stem(x), reference(x, False))
 
 
 def test_region_ids_reproduce_swin_mask():

@@ -87,8 +87,13 @@ class ConvStem(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv2(self.act(self.bn(self.conv1(x))))
-        return self.norm(x.permute(0, 2, 3, 1))
+        # Channels-last throughout (same values): the (B, H, W, C) output is then a free view, and
+        # oneDNN's backward of conv2 needs no layout copies (one thread, 224x224, batch 4: stem train
+        # step ~88 -> ~82 ms, inference ~21 -> ~18 ms).
+        x = self.bn(self.conv1(x.contiguous(memory_format=torch.channels_last)))
+        # GELU on the dense NHWC view: torch's kernel is ~1.7x slower on a channels-last NCHW tensor
+        x = self.act(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.norm(self.conv2(x).permute(0, 2, 3, 1))
 
 
 class HierarchicalBlock(nn.Module):
