@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from pipeline.models.hierarchical import HierarchicalViT, window_region_ids
-from pipeline.models.layers.lsla import GlobalLSLA, WindowLSLA
+from pipeline.models.layers.lsla import GlobalLSLA, WindowLSLA, _LimitedSoftmax
 from pipeline.models.layers.window_msa import WindowMSA
 
 pytestmark = pytest.mark.timeout(120)
@@ -181,6 +181,21 @@ def test_window_lsla_gradients_match_einsum_reference(knobs, shifted):
     names = ["x", *(name for name, _ in attn.named_parameters())]
     for name, got, want in zip(names, grads, expected):
         torch.testing.assert_close(got, want, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("inner_shape", [(HEADS, 5, 5), (3, HEADS, 5, 5)])
+@pytest.mark.parametrize("with_ds", [True, False])
+def test_limited_softmax_backward_is_autograd_of_its_forward(inner_shape, with_ds):
+    """The hand-written backward (which reuses its own buffers) for broadcast tables and for a B_i as large as S."""
+    torch.manual_seed(5)
+
+    def leaf(*shape):
+        return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+
+    scores, inner, outer = leaf(3, HEADS, 5, 5), leaf(*inner_shape), leaf(HEADS, 5, 5)
+    ds = leaf(HEADS, 5, 5) if with_ds else None
+    assert torch.autograd.gradcheck(_LimitedSoftmax.apply, (scores, ds, inner, outer))
+    assert torch.autograd.gradcheck(_LimitedSoftmax.apply, (scores, ds, inner, None))
 
 
 def test_masked_attention_and_outer_bias_are_exactly_zero():

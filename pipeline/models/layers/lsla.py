@@ -109,9 +109,14 @@ class _LimitedSoftmax(torch.autograd.Function):
         need_scores, need_ds, need_inner, need_outer = ctx.needs_input_grad
         g_outer = grad.sum_to_size(ctx.outer_shape) if need_outer else None
         g_logits = torch.ops.aten._softmax_backward_data(grad, probs, -1, probs.dtype)
-        g_scores = (g_logits * ds if ds is not None else g_logits) if need_scores else None
-        g_ds = (g_logits * scores).sum_to_size(ds.shape) if need_ds else None
         g_inner = g_logits.sum_to_size(ctx.inner_shape) if need_inner else None
+        g_scores = (g_logits * ds if ds is not None else g_logits) if need_scores else None
+        g_ds = None
+        if need_ds:
+            # g_logits is read for the last time: its buffer can take g ⊙ S (one (B, heads, N, N) tensor
+            # fewer), unless g_inner is g_logits itself (B_i as large as the scores: nothing to sum)
+            product = g_logits * scores if g_inner is g_logits else g_logits.mul_(scores)
+            g_ds = product.sum_to_size(ds.shape)
         return g_scores, g_ds, g_inner, g_outer
 
 
@@ -189,16 +194,22 @@ class _LightSelfLimitedAttention(nn.Module):
     def _tables(self) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """``DS``, ``B_i``, ``B_o`` gathered once per forward: ``(heads or 1, N, N)`` each, ``None`` if unused."""
         index = self.relative_position_index
-        inner = self.inner_bias_table[:, index]
+        shape = index.shape
+
+        def gather(table: torch.Tensor) -> torch.Tensor:
+            # = table[:, index]; index_select is several times faster, and its backward is an index_add
+            # rather than advanced indexing's sort-based accumulating index_put
+            return table.index_select(1, index.view(-1)).view(-1, *shape)
+
+        inner = gather(self.inner_bias_table)
         ds = None
         if self.scale_table is not None:
-            table = self.scale_table.exp() if self.ds_param == "log" else self.scale_table
-            ds = table[:, index]
+            ds = gather(self.scale_table.exp() if self.ds_param == "log" else self.scale_table)
         outer = None
         if self.outer_bias_gain is not None:
             outer = self.outer_bias_gain.unsqueeze(-1) * inner
         elif self.outer_bias_table is not None:
-            outer = self.outer_bias_table[:, index]
+            outer = gather(self.outer_bias_table)
         return ds, inner, outer
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
