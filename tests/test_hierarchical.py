@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from timm.layers import DropPath
 from timm.models.swin_transformer import SwinTransformerBlock
 
 import pipeline.models  # noqa: F401  (registers the factories)
 from pipeline.models.counting import count_macs, count_params
-from pipeline.models.hierarchical import ConvStem, HierarchicalViT, window_region_ids
+from pipeline.models.hierarchical import ConvStem, HierarchicalBlock, HierarchicalViT, window_region_ids
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -227,6 +228,26 @@ def test_stochastic_depth_rises_linearly():
     rates = [getattr(block.drop_path1, "drop_prob", 0.0) for stage in model.layers for block in stage.blocks]
     assert isinstance(model.layers[0].blocks[0].drop_path1, torch.nn.Identity)  # rate 0: no module at all
     torch.testing.assert_close(torch.tensor(rates), torch.linspace(0, 0.5, 6))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_residual_is_x_plus_drop_path(training):
+    """The block's addcmul residual draws what timm's DropPath draws and gives its values and gradients."""
+    drop = DropPath(0.5).train(training)
+    x, y = torch.randn(8, 3, 3, 4, requires_grad=True), torch.randn(8, 3, 3, 4, requires_grad=True)
+    weight = torch.randn(8, 3, 3, 4)
+    torch.manual_seed(4)
+    got = HierarchicalBlock._residual(x, y, drop)
+    grads = torch.autograd.grad((got * weight).sum(), (x, y))
+    torch.manual_seed(4)
+    expected = x + drop(y)
+    expected_grads = torch.autograd.grad((expected * weight).sum(), (x, y))
+    torch.testing.assert_close(got, expected)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e)
+    if training:  # some samples dropped, some kept (seed 4), so both branches of the factor are checked
+        dropped = (got == x).flatten(1).all(1)
+        assert dropped.any() and not dropped.all()
 
 
 def test_castling_plugs_in_and_switches():

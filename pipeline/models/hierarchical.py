@@ -156,9 +156,18 @@ class HierarchicalBlock(nn.Module):
             x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))
         return x
 
+    @staticmethod
+    def _residual(x: torch.Tensor, y: torch.Tensor, drop_path: nn.Module) -> torch.Tensor:
+        """``x + drop_path(y)``; while DropPath is active, one fused pass instead of a multiply and an add."""
+        if isinstance(drop_path, DropPath) and drop_path.training and drop_path.drop_prob > 0:
+            # DropPath of ones is its per-sample factor: the same draw from the same generator
+            factor = drop_path(y.new_ones((y.shape[0],) + (1,) * (y.ndim - 1)))
+            return torch.addcmul(x, y, factor)
+        return x + drop_path(y)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self._window_attention(self.norm1(x)))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+        x = self._residual(x, self._window_attention(self.norm1(x)), self.drop_path1)
+        return self._residual(x, self.mlp(self.norm2(x)), self.drop_path2)
 
     def extra_repr(self) -> str:
         return f"resolution={self.resolution}, window_size={self.window_size}, shift_size={self.shift_size}"
