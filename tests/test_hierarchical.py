@@ -6,11 +6,13 @@ import pytest
 import timm
 import torch
 from timm.layers import DropPath
-from timm.models.swin_transformer import SwinTransformerBlock
+from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
 
 import pipeline.models  # noqa: F401  (registers the factories)
 from pipeline.models.counting import count_macs, count_params
-from pipeline.models.hierarchical import ConvStem, HierarchicalBlock, HierarchicalViT, window_region_ids
+from pipeline.models.hierarchical import (
+    ConvStem, HierarchicalBlock, HierarchicalViT, shifted_window_order, window_region_ids,
+)  # fmt: skip
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -248,6 +250,35 @@ def test_fused_residual_is_x_plus_drop_path(training):
     if training:  # some samples dropped, some kept (seed 4), so both branches of the factor are checked
         dropped = (got == x).flatten(1).all(1)
         assert dropped.any() and not dropped.all()
+
+
+@pytest.mark.parametrize("attn", ["lsla", "msa"])
+@pytest.mark.parametrize("resolution", [(8, 8), (8, 12)])
+def test_shifted_windows_by_one_gather_equal_roll_and_partition(attn, resolution):
+    """A shifted block gathers its windows in one index_select; Swin's roll + partition (and back) gives the same."""
+    from pipeline.models.hierarchical import window_attention_class
+
+    torch.manual_seed(8)
+    window, shift = (4, 4), (2, 2)
+    block = HierarchicalBlock(8, 2, resolution=resolution, window_size=window, shift_size=shift,
+                              attn_layer=window_attention_class(attn), attn_kwargs={})  # fmt: skip
+    assert block.window_order is not None
+    x = torch.randn(2, *resolution, 8, requires_grad=True)
+    weight = torch.randn(2, *resolution, 8)
+
+    def reference(x):
+        windows = window_partition(torch.roll(x, (-2, -2), (1, 2)), window).view(-1, 16, 8)
+        windows = block.attn(windows, block.region_ids)
+        return torch.roll(window_reverse(windows.view(-1, *window, 8), window, *resolution), (2, 2), (1, 2))
+
+    inputs = [x, *block.attn.parameters()]
+    got, expected = block._window_attention(x), reference(x)
+    torch.testing.assert_close(got, expected)
+    for g, e in zip(torch.autograd.grad((got * weight).sum(), inputs), torch.autograd.grad((expected * weight).sum(), inputs)):
+        torch.testing.assert_close(g, e)
+    # not shifted, or padded: the roll / pad / partition path
+    assert shifted_window_order((8, 8), window, (0, 0)) is None
+    assert shifted_window_order((10, 8), window, shift) is None
 
 
 def test_castling_plugs_in_and_switches():

@@ -31,7 +31,10 @@ from torch import nn
 from .layers.lsla import WindowLSLA
 from .layers.window_msa import WindowMSA
 
-__all__ = ["HierarchicalViT", "ConvStem", "window_attention_class", "window_region_ids", "create_hierarchical"]
+__all__ = [
+    "HierarchicalViT", "ConvStem", "window_attention_class", "window_region_ids", "shifted_window_order",
+    "create_hierarchical",
+]  # fmt: skip
 
 
 def window_attention_class(name: str) -> type[nn.Module]:
@@ -68,6 +71,21 @@ def window_region_ids(
     ids[H:, :] = 4
     ids[:, W:] = 4
     return ids.view(Hp // wh, wh, Wp // ww, ww).permute(0, 2, 1, 3).reshape(-1, wh * ww)
+
+
+def shifted_window_order(
+    resolution: tuple[int, int], window_size: tuple[int, int], shift_size: tuple[int, int]
+) -> torch.Tensor | None:
+    """``(H * W,)`` long: the flat ``(H, W)`` token index at each position of the shifted map's windows, window by window.
+
+    ``x.flatten(1, 2)[:, order]`` is ``window_partition(roll(x, -shift_size))`` in one gather instead of three
+    copies (``torch.roll`` over two dims copies twice). ``None`` when not shifted or when the map is padded.
+    """
+    (H, W), (wh, ww) = resolution, window_size
+    if not any(shift_size) or H % wh or W % ww:
+        return None
+    index = torch.roll(torch.arange(H * W).view(1, H, W, 1), shifts=(-shift_size[0], -shift_size[1]), dims=(1, 2))
+    return window_partition(index, window_size).reshape(-1)
 
 
 class ConvStem(nn.Module):
@@ -134,6 +152,9 @@ class HierarchicalBlock(nn.Module):
             bind(region_ids)
             region_ids = None
         self.register_buffer("own_region_ids", region_ids, persistent=False)
+        order = shifted_window_order(resolution, window_size, shift_size)
+        self.register_buffer("window_order", order, persistent=False)
+        self.register_buffer("window_order_inverse", None if order is None else order.argsort(), persistent=False)
 
     @property
     def region_ids(self) -> torch.Tensor | None:
@@ -143,6 +164,10 @@ class HierarchicalBlock(nn.Module):
     def _window_attention(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         (wh, ww), (sh, sw) = self.window_size, self.shift_size
+        if self.window_order is not None:  # shifted, unpadded: one gather each way (see shifted_window_order)
+            windows = x.reshape(B, H * W, C).index_select(1, self.window_order)
+            windows = self.attn(windows.view(-1, wh * ww, C), self.region_ids)
+            return windows.view(B, H * W, C).index_select(1, self.window_order_inverse).view(B, H, W, C)
         if sh or sw:
             x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
         pad_h, pad_w = -H % wh, -W % ww
