@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from pipeline.models.hierarchical import HierarchicalViT, window_region_ids
-from pipeline.models.layers.lsla import GlobalLSLA, WindowLSLA, _LimitedSoftmax
+from pipeline.models.layers.lsla import GlobalLSLA, WindowLSLA, _LimitedAttention, _LimitedSoftmax
 from pipeline.models.layers.window_msa import WindowMSA
 
 pytestmark = pytest.mark.timeout(120)
@@ -164,6 +164,7 @@ def test_window_lsla_matches_einsum_reference(knobs):
         {"kv": "qxv", "bias_sharing": "tied"},
         {"kv": "qkv", "scale": "fixed"},
         {"outer_bias": False},
+        {"scale": "fixed", "bias_sharing": "tied"},
     ],
 )
 @pytest.mark.parametrize("shifted", [False, True])
@@ -196,6 +197,27 @@ def test_limited_softmax_backward_is_autograd_of_its_forward(inner_shape, with_d
     ds = leaf(HEADS, 5, 5) if with_ds else None
     assert torch.autograd.gradcheck(_LimitedSoftmax.apply, (scores, ds, inner, outer))
     assert torch.autograd.gradcheck(_LimitedSoftmax.apply, (scores, ds, inner, None))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("with_ds", [True, False])
+def test_limited_attention_backward_is_autograd_of_its_forward(masked, with_ds):
+    """The fused training core (keys and values one tensor) against autograd, also when only q needs a gradient."""
+    torch.manual_seed(6)
+    images, windows, n, d = 2, 3, 5, 4
+
+    def leaf(*shape, grad=True):
+        return torch.randn(*shape, dtype=torch.float64, requires_grad=grad)
+
+    q, x = leaf(images * windows * HEADS, n, d), leaf(images * windows * HEADS, n, d)
+    tables = (windows, HEADS, n, n) if masked else (HEADS, n, n)
+    shape = (-1, windows, HEADS, n, n) if masked else (-1, HEADS, n, n)
+    ds = leaf(HEADS, n, n) if with_ds else None
+    inner, outer = leaf(*tables), leaf(*tables)
+    assert torch.autograd.gradcheck(lambda *a: _LimitedAttention.apply(*a, shape), (q, x, ds, inner, outer))
+    assert torch.autograd.gradcheck(lambda *a: _LimitedAttention.apply(*a, shape), (q, x, ds, inner, None))
+    frozen = x.detach()
+    assert torch.autograd.gradcheck(lambda q, ds: _LimitedAttention.apply(q, frozen, ds, inner.detach(), outer.detach(), shape), (q, ds))
 
 
 def test_masked_attention_and_outer_bias_are_exactly_zero():

@@ -84,6 +84,29 @@ def global_relative_position_index(grid_size: tuple[int, int], num_prefix_tokens
     return index, num_grid + 3
 
 
+def _limited_softmax_forward(scores, ds, inner, outer) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, A')``: ``A = softmax(S ⊙ DS + B_i)`` and ``A' = A + B_o`` (``A`` itself without ``B_o``)."""
+    logits = torch.addcmul(inner, scores, ds) if ds is not None else scores + inner  # one fused pass
+    probs = logits.softmax(dim=-1)
+    return probs, probs + outer if outer is not None else probs
+
+
+def _limited_softmax_backward(ctx, grad, scores, ds, probs, needs):
+    """Gradients for ``S``, ``DS``, ``B_i``, ``B_o`` (``None`` where ``needs`` is false); see ``_LimitedSoftmax``."""
+    need_scores, need_ds, need_inner, need_outer = needs
+    g_outer = grad.sum_to_size(ctx.outer_shape) if need_outer else None
+    g_logits = torch.ops.aten._softmax_backward_data(grad, probs, -1, probs.dtype)
+    g_inner = g_logits.sum_to_size(ctx.inner_shape) if need_inner else None
+    g_scores = (g_logits * ds if ds is not None else g_logits) if need_scores else None
+    g_ds = None
+    if need_ds:
+        # g_logits is read for the last time: its buffer can take g ⊙ S (one (B, heads, N, N) tensor
+        # fewer), unless g_inner is g_logits itself (B_i as large as the scores: nothing to sum)
+        product = g_logits * scores if g_inner is g_logits else g_logits.mul_(scores)
+        g_ds = product.sum_to_size(ds.shape)
+    return g_scores, g_ds, g_inner, g_outer
+
+
 class _LimitedSoftmax(torch.autograd.Function):
     """``A' = softmax(S ⊙ DS + B_i) + B_o`` for training, with a hand-written backward.
 
@@ -96,28 +119,53 @@ class _LimitedSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scores, ds, inner, outer):
-        logits = torch.addcmul(inner, scores, ds) if ds is not None else scores + inner
-        probs = logits.softmax(dim=-1)
+        probs, attn = _limited_softmax_forward(scores, ds, inner, outer)
         ctx.save_for_backward(scores if ds is not None else None, ds, probs)
         ctx.inner_shape, ctx.outer_shape = inner.shape, None if outer is None else outer.shape
-        return probs + outer if outer is not None else probs
+        return attn
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         scores, ds, probs = ctx.saved_tensors
-        need_scores, need_ds, need_inner, need_outer = ctx.needs_input_grad
-        g_outer = grad.sum_to_size(ctx.outer_shape) if need_outer else None
-        g_logits = torch.ops.aten._softmax_backward_data(grad, probs, -1, probs.dtype)
-        g_inner = g_logits.sum_to_size(ctx.inner_shape) if need_inner else None
-        g_scores = (g_logits * ds if ds is not None else g_logits) if need_scores else None
-        g_ds = None
-        if need_ds:
-            # g_logits is read for the last time: its buffer can take g ⊙ S (one (B, heads, N, N) tensor
-            # fewer), unless g_inner is g_logits itself (B_i as large as the scores: nothing to sum)
-            product = g_logits * scores if g_inner is g_logits else g_logits.mul_(scores)
-            g_ds = product.sum_to_size(ds.shape)
-        return g_scores, g_ds, g_inner, g_outer
+        return _limited_softmax_backward(ctx, grad, scores, ds, probs, ctx.needs_input_grad)
+
+
+class _LimitedAttention(torch.autograd.Function):
+    """LSA's core for training: ``A' X`` with ``A' = softmax((Q Xᵀ) ⊙ DS + B_i) + B_o``, keys and values ``X``.
+
+    ``q`` and ``x`` are ``(B * heads, N, d)``; the tables broadcast against the scores viewed as
+    ``scores_shape``. Keys and values being one tensor, autograd would add their two gradients in an
+    extra pass over ``(B * heads, N, d)``; here the second product accumulates into the first
+    (``baddbmm``). The limited softmax's backward is ``_LimitedSoftmax``'s.
+    """
+
+    @staticmethod
+    def forward(ctx, q, x, ds, inner, outer, scores_shape):
+        scores = torch.bmm(q, x.transpose(1, 2)).view(scores_shape)
+        probs, attn = _limited_softmax_forward(scores, ds, inner, outer)
+        attn = attn.view(q.shape[0], q.shape[1], -1)
+        ctx.save_for_backward(q, x, scores if ds is not None else None, ds, probs, attn)
+        ctx.inner_shape, ctx.outer_shape = inner.shape, None if outer is None else outer.shape
+        return torch.bmm(attn, x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        q, x, scores, ds, probs, attn = ctx.saved_tensors
+        need_q, need_x, need_ds, need_inner, need_outer, _ = ctx.needs_input_grad
+        g_attn = torch.bmm(grad, x.transpose(1, 2)).view(probs.shape)
+        g_x = torch.bmm(attn.transpose(1, 2), grad) if need_x else None
+        g_scores, g_ds, g_inner, g_outer = _limited_softmax_backward(
+            ctx, g_attn, scores, ds, probs, (need_q or need_x, need_ds, need_inner, need_outer)
+        )
+        g_q = None
+        if g_scores is not None:
+            g_scores = g_scores.view(attn.shape)
+            g_q = torch.bmm(g_scores, x) if need_q else None
+            if need_x:
+                g_x.baddbmm_(g_scores.transpose(1, 2), q)
+        return g_q, g_x, g_ds, g_inner, g_outer, None
 
 
 class _LightSelfLimitedAttention(nn.Module):
@@ -314,24 +362,40 @@ class WindowLSLA(BoundRegions, _LightSelfLimitedAttention):
         """``A' = A + B_o`` for every window and head, ``(B * num_windows, heads, N, N)``."""
         return self._attention(x, region_ids)[0]
 
+    def _masked_tables(self, region_ids: torch.Tensor | None, num_windows: int):
+        """``DS``, ``B_i``, ``B_o`` with the region masks applied, and the scores' shape they broadcast against."""
+        ds, inner, outer = self._tables()
+        N = self.window_area
+        if region_ids is None:
+            return ds, inner, outer, (-1, self.num_heads, N, N)
+        bias, keep = self.region_masks(region_ids, inner.dtype)  # (nW, 1, N, N) each
+        inner = inner + bias  # -inf across regions: weight exactly 0 after the softmax
+        if outer is not None:
+            outer = outer * keep  # zero there, or B_o would leak the masked tokens back in
+        return ds, inner, outer, (-1, num_windows, self.num_heads, N, N)
+
     def _attention(self, x: torch.Tensor, region_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         num_windows = check_windows(x, self.window_area, region_ids)
         B_, N, _ = x.shape
         q, k, v = self._project(x)
-        ds, inner, outer = self._tables()
-        scores = q @ k.transpose(-2, -1)
-        if region_ids is not None:
-            bias, keep = self.region_masks(region_ids, inner.dtype)  # (nW, 1, N, N) each
-            inner = inner + bias  # -inf across regions: weight exactly 0 after the softmax
-            if outer is not None:
-                outer = outer * keep  # zero there, or B_o would leak the masked tokens back in
-            scores = scores.view(-1, num_windows, self.num_heads, N, N)
-        attn, _ = self._limited_softmax(scores, ds, inner, outer)
+        ds, inner, outer, scores_shape = self._masked_tables(region_ids, num_windows)
+        attn, _ = self._limited_softmax((q @ k.transpose(-2, -1)).view(scores_shape), ds, inner, outer)
         return attn.view(B_, self.num_heads, N, N), v
 
     def forward(self, x: torch.Tensor, region_ids: torch.Tensor | None = None) -> torch.Tensor:
-        attn, v = self._attention(x, region_ids)
-        return self._output(attn, v)
+        if self.kv != "qxx" or not torch.is_grad_enabled() or (self.training and self.attn_drop.p > 0):
+            attn, v = self._attention(x, region_ids)
+            return self._output(attn, v)
+        # training, keys and values X: the fused core (see _LimitedAttention)
+        num_windows = check_windows(x, self.window_area, region_ids)
+        B_, N, _ = x.shape
+        q, x_heads, _ = self._project(x)
+        ds, inner, outer, scores_shape = self._masked_tables(region_ids, num_windows)
+        out = _LimitedAttention.apply(
+            q.reshape(-1, N, self.head_dim), x_heads.view(-1, N, self.head_dim), ds, inner, outer, scores_shape
+        )
+        out = out.view(B_, self.num_heads, N, self.head_dim).transpose(1, 2).reshape(B_, N, self.dim)
+        return self.proj_drop(self.proj(out))
 
 
 class GlobalLSLA(_LightSelfLimitedAttention):
