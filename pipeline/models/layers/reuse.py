@@ -48,8 +48,11 @@ def _axis_resize(src: int, dst: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     index = [list(r) + [0] * (width - len(r)) for r in rows]  # padding terms carry weight 0
     weight = [list(r.values()) + [0.0] * (width - len(r)) for r in rows]
-    # built on the CPU explicitly: cached, so a meta-device context must not leak into it
-    return torch.tensor(index, dtype=torch.long, device="cpu"), torch.tensor(weight, device="cpu")
+    # Cached, so the caller's context must not leak into it: built on the CPU explicitly (not on a meta
+    # device), and as normal tensors even when first called under inference_mode, which autograd could
+    # not save for a later backward.
+    with torch.inference_mode(False):
+        return torch.tensor(index, dtype=torch.long, device="cpu"), torch.tensor(weight, device="cpu")
 
 
 def _resize_axis(x: torch.Tensor, axis: int, src: int, dst: int) -> torch.Tensor:
