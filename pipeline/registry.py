@@ -159,18 +159,17 @@ def _log_model(model, example, *, experiment_id: str, run_id: str | None, extra_
     otherwise file it under the default experiment): pt2 (torch.export, safe to load), else pickle."""
     import mlflow
     import mlflow.pytorch
-    import timm
-    import torch
 
-    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"]
-    for fmt in ("pt2", "pickle"):
+    from pipeline import tracking
+
+    logging_kwargs = tracking.model_logging_kwargs(model, example)
+    for fmt in ("pt2", "pickle") if "input_example" in logging_kwargs else ("pickle",):
         logged = mlflow.initialize_logged_model(name="registered_model", source_run_id=run_id, tags=tags,
                                                 experiment_id=experiment_id)  # fmt: skip
         try:
             info = mlflow.pytorch.log_model(
-                model, model_id=logged.model_id, input_example=example, serialization_format=fmt,
-                extra_files=extra_files, pip_requirements=requirements,
-            )  # fmt: skip
+                model, model_id=logged.model_id, serialization_format=fmt, extra_files=extra_files, **logging_kwargs
+            )
         except Exception as err:  # noqa: BLE001 - torch.export rejects some models (e.g. data-dependent exits)
             if fmt == "pickle":
                 raise

@@ -26,7 +26,7 @@ from mlflow.entities import Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-__all__ = ["RunLogger", "close_run", "experiment_id", "open_run", "run_status", "run_tags"]
+__all__ = ["RunLogger", "close_run", "experiment_id", "model_logging_kwargs", "open_run", "run_status", "run_tags"]
 
 TAG_STATUS = "vitpipe.status"  # running | finished | non_finite_loss | failed
 TAG_RUN_DIR = "vitpipe.run_dir"
@@ -142,6 +142,31 @@ def close_run(tracking_uri: str, run_id: str, status: str, reason: str) -> None:
     client.set_terminated(run_id, status)
 
 
+def model_logging_kwargs(model, example) -> dict[str, Any]:
+    """The ``pip_requirements`` and the input example or signature for ``mlflow.pytorch.log_model``.
+
+    ``example``: a float32 numpy batch. MLflow's pyfunc serves a model that returns one tensor; a model that
+    returns several (a DVT cascade: one logits tensor per exit) gets an input-only signature and no example,
+    since MLflow would fail to infer its output signature and to validate the example as a serving request.
+    Without an example there is no ``pt2`` (torch.export traces the example): callers log such a model as
+    ``pickle``, which also keeps its methods (a DVT's exits and costs) when it is loaded.
+    """
+    import timm
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"]
+    kwargs: dict[str, Any] = {"pip_requirements": requirements}
+    with torch.no_grad():
+        output = model(torch.as_tensor(example))
+    if isinstance(output, torch.Tensor):
+        kwargs["input_example"] = example
+    else:
+        kwargs["signature"] = ModelSignature(inputs=Schema([TensorSpec(example.dtype, (-1, *example.shape[1:]))]))
+    return kwargs
+
+
 class RunLogger:
     """Rank 0's handle on the run the driver opened. Use as a context manager around training.
 
@@ -234,20 +259,17 @@ class RunLogger:
         """``mlflow.pytorch.log_model`` with an input example; returns the serialization format used.
 
         ``auto`` tries ``pt2`` (torch.export, safe to load) and falls back to ``pickle`` for a model
-        that cannot be exported; the format is recorded in the run's tags either way.
+        that cannot be exported; a model with several outputs goes to ``pickle`` at once (see
+        :func:`model_logging_kwargs`). The format is recorded in the run's tags either way.
         """
         import mlflow.pytorch
-        import timm
-        import torch
 
-        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"]
-        formats = ["pt2", "pickle"] if serialization == "auto" else [serialization]
+        logging_kwargs = model_logging_kwargs(model, input_example)
+        traceable = "input_example" in logging_kwargs
+        formats = (["pt2", "pickle"] if traceable else ["pickle"]) if serialization == "auto" else [serialization]
         for index, fmt in enumerate(formats):
             try:
-                mlflow.pytorch.log_model(
-                    model, name=name, input_example=input_example, serialization_format=fmt,
-                    pip_requirements=requirements,
-                )
+                mlflow.pytorch.log_model(model, name=name, serialization_format=fmt, **logging_kwargs)
             except Exception as err:  # noqa: BLE001 - torch.export rejects some models; try the next format
                 if index == len(formats) - 1:
                     raise

@@ -298,3 +298,36 @@ def test_run_tags_take_the_commit_from_the_environment_without_git(monkeypatch):
     assert "mlflow.source.git.commit" not in tracking.run_tags()
     monkeypatch.setenv(tracking.GIT_COMMIT_ENV, "0123abcd")
     assert tracking.run_tags()["mlflow.source.git.commit"] == "0123abcd"
+
+
+def test_a_cascade_registers_as_pickle_with_an_input_signature_and_loads_whole(tiny_config, tmp_path, capfd):
+    """A DVT cascade returns one logits tensor per exit: MLflow can neither infer an output signature nor serve
+    it, so it is registered as pickle with a float32 input signature and no example (no serving validation,
+    which would fail and warn); the registry loads it back from its checkpoint as the same cascade."""
+    dvt = tiny_config(run_name="dvt", model__name="dvt_vit_nano", data__img_size=32,
+                      model__kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2})  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(dvt)
+    save_checkpoint(tmp_path / "dvt", {"epochs_done": 1, "global_step": 0, "model": model.state_dict(), "ema": None,
+                                       "config": dvt.to_dict(), "metrics": {}, "mlflow_run_id": None})  # fmt: skip
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    promotion = promote_checkpoint(tmp_path / "dvt", tracking_uri=uri, name="cascade")
+    logs = capfd.readouterr()
+    assert "Failed to validate serving input example" not in logs.err + logs.out
+    assert "Failed to infer the model signature" not in logs.err + logs.out
+
+    version = MlflowClient(uri, registry_uri=uri).get_model_version("cascade", promotion.version)
+    assert version.tags["vitpipe.format"] == "pickle"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)  # get_model_info resolves the logged model through the global URI
+    try:
+        info = mlflow.models.get_model_info(version.source)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert info.signature.outputs is None
+    spec = {"dtype": "float32", "shape": (-1, 1, 32, 32)}
+    assert info.signature.inputs.to_dict() == [{"type": "tensor", "tensor-spec": spec}]
+    loaded = load(promotion.uri, tracking_uri=uri).model
+    images = torch.randn(3, 1, 32, 32)
+    for got, want in zip(loaded(images), model.eval()(images), strict=True):
+        torch.testing.assert_close(got, want)
