@@ -274,8 +274,16 @@ def test_shifted_windows_by_one_gather_equal_roll_and_partition(attn, resolution
     inputs = [x, *block.attn.parameters()]
     got, expected = block._window_attention(x), reference(x)
     torch.testing.assert_close(got, expected)
-    for g, e in zip(torch.autograd.grad((got * weight).sum(), inputs), torch.autograd.grad((expected * weight).sum(), inputs)):
+    grads = torch.autograd.grad((got * weight).sum(), inputs)
+    for g, e in zip(grads, torch.autograd.grad((expected * weight).sum(), inputs)):
         torch.testing.assert_close(g, e)
+    # unshifted blocks hand the map to the attention's forward_map (tested in test_lsla) when it has one
+    plain = HierarchicalBlock(8, 2, resolution=resolution, window_size=window, shift_size=(0, 0),
+                              attn_layer=window_attention_class(attn), attn_kwargs={})  # fmt: skip
+    y = torch.randn(2, *resolution, 8)
+    windows = plain.attn(window_partition(y, window).view(-1, 16, 8))
+    expected = window_reverse(windows.view(-1, *window, 8), window, *resolution)
+    torch.testing.assert_close(plain._window_attention(y), expected)
     # not shifted, or padded: the roll / pad / partition path
     assert shifted_window_order((8, 8), window, (0, 0)) is None
     assert shifted_window_order((10, 8), window, shift) is None

@@ -217,7 +217,34 @@ def test_limited_attention_backward_is_autograd_of_its_forward(masked, with_ds):
     assert torch.autograd.gradcheck(lambda *a: _LimitedAttention.apply(*a, shape), (q, x, ds, inner, outer))
     assert torch.autograd.gradcheck(lambda *a: _LimitedAttention.apply(*a, shape), (q, x, ds, inner, None))
     frozen = x.detach()
-    assert torch.autograd.gradcheck(lambda q, ds: _LimitedAttention.apply(q, frozen, ds, inner.detach(), outer.detach(), shape), (q, ds))
+    tables = (inner.detach(), outer.detach())
+    assert torch.autograd.gradcheck(lambda q, ds: _LimitedAttention.apply(q, frozen, ds, *tables, shape), (q, ds))
+
+
+@pytest.mark.parametrize("knobs", [{}, {"kv": "qkv", "scale": "fixed"}, {"kv": "qxv", "bias_sharing": "tied"}])
+def test_forward_map_is_partition_attention_reverse(knobs):
+    """The map form (partition and reverse ride on the head copies) against the window form: values, gradients."""
+    from timm.models.swin_transformer import window_partition, window_reverse
+
+    torch.manual_seed(10)
+    attn = WindowLSLA(C, HEADS, window_size=WINDOW, **knobs).double()
+    randomize_tables(attn)
+    x = torch.randn(2, 8, 12, C, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(2, 8, 12, C, dtype=torch.float64)
+
+    def by_windows(x):
+        return window_reverse(attn(window_partition(x, WINDOW).view(-1, N, C)).view(-1, *WINDOW, C), WINDOW, 8, 12)
+
+    inputs = [x, *attn.parameters()]
+    got, expected = attn.forward_map(x), by_windows(x)
+    torch.testing.assert_close(got, expected)
+    grads = torch.autograd.grad((got * weight).sum(), inputs)
+    for g, e in zip(grads, torch.autograd.grad((expected * weight).sum(), inputs)):
+        torch.testing.assert_close(g, e)
+    with torch.inference_mode():
+        torch.testing.assert_close(attn.forward_map(x), by_windows(x))
+    with pytest.raises(ValueError, match="tiled by"):
+        attn.forward_map(x[:, :7])
 
 
 def test_masked_attention_and_outer_bias_are_exactly_zero():

@@ -76,7 +76,7 @@ def window_region_ids(
 def shifted_window_order(
     resolution: tuple[int, int], window_size: tuple[int, int], shift_size: tuple[int, int]
 ) -> torch.Tensor | None:
-    """``(H * W,)`` long: the flat ``(H, W)`` token index at each position of the shifted map's windows, window by window.
+    """``(H * W,)`` long: the flat ``(H, W)`` token index at each place of the shifted map's windows, in order.
 
     ``x.flatten(1, 2)[:, order]`` is ``window_partition(roll(x, -shift_size))`` in one gather instead of three
     copies (``torch.roll`` over two dims copies twice). ``None`` when not shifted or when the map is padded.
@@ -164,13 +164,16 @@ class HierarchicalBlock(nn.Module):
     def _window_attention(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         (wh, ww), (sh, sw) = self.window_size, self.shift_size
+        pad_h, pad_w = -H % wh, -W % ww
+        forward_map = getattr(self.attn, "forward_map", None)
+        if forward_map is not None and not (sh or sw or pad_h or pad_w) and getattr(self.attn, "num_heads", 1) > 1:
+            return forward_map(x)  # the kind partitions and reverses while it splits and merges heads
         if self.window_order is not None:  # shifted, unpadded: one gather each way (see shifted_window_order)
             windows = x.reshape(B, H * W, C).index_select(1, self.window_order)
             windows = self.attn(windows.view(-1, wh * ww, C), self.region_ids)
             return windows.view(B, H * W, C).index_select(1, self.window_order_inverse).view(B, H, W, C)
         if sh or sw:
             x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
-        pad_h, pad_w = -H % wh, -W % ww
         if pad_h or pad_w:
             x = nn.functional.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         windows = window_partition(x, self.window_size).view(-1, wh * ww, C)

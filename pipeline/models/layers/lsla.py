@@ -397,6 +397,40 @@ class WindowLSLA(BoundRegions, _LightSelfLimitedAttention):
         out = out.view(B_, self.num_heads, N, self.head_dim).transpose(1, 2).reshape(B_, N, self.dim)
         return self.proj_drop(self.proj(out))
 
+    def forward_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Unshifted windows of a ``(B, H, W, C)`` map, back on the map: ``window_reverse(self(window_partition(x)))``.
+
+        With several heads the tensors are copied anyway to split and merge the heads: here those copies
+        also partition and reverse the windows, two passes over the map fewer each way. ``H`` and ``W``
+        must be multiples of the window (no padding, no mask).
+        """
+        B, H, W, C = x.shape
+        (wh, ww), N, h, d = self.window_size, self.window_area, self.num_heads, self.head_dim
+        if H % wh or W % ww or C != self.dim:
+            raise ValueError(
+                f"forward_map needs a (B, H, W, {self.dim}) map tiled by {self.window_size} windows, "
+                f"got {tuple(x.shape)}"
+            )
+
+        def split(t: torch.Tensor) -> torch.Tensor:  # (B, H, W, C) -> (B * windows * heads, N, d), one copy
+            return t.view(B, H // wh, wh, W // ww, ww, h, d).permute(0, 1, 3, 5, 2, 4, 6).reshape(-1, N, d)
+
+        q = self.q(x)
+        if self.scale == "fixed":
+            q = q * self.head_dim**-0.5
+        x_heads = split(x) if self.k is None or self.v is None else None
+        k = split(self.k(x)) if self.k is not None else x_heads
+        v = split(self.v(x)) if self.v is not None else x_heads
+        ds, inner, outer = self._tables()
+        dropout = self.training and self.attn_drop.p > 0
+        if torch.is_grad_enabled() and self.kv == "qxx" and not dropout:
+            out = _LimitedAttention.apply(split(q), x_heads, ds, inner, outer, (-1, h, N, N))
+        else:
+            attn, _ = self._limited_softmax(torch.bmm(split(q), k.transpose(1, 2)).view(-1, h, N, N), ds, inner, outer)
+            out = torch.bmm(attn.view(-1, N, N), v)
+        out = out.view(B, H // wh, W // ww, h, wh, ww, d).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, H, W, C)
+        return self.proj_drop(self.proj(out))
+
 
 class GlobalLSLA(_LightSelfLimitedAttention):
     """LSLA over the whole token grid of a plain backbone (global contract of ``pipeline.models.layers``).
