@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,10 +36,23 @@ class Profile:
     epochs: int
     sweep_trials: int
     sweep_epochs: int
+    batch_size: int = 128  # per worker
+    # Trials at once, each with this many workers. Quick: all trials together on one worker each, so their
+    # Ray Train start-ups (~15 s each) overlap instead of adding up; full: one 2-worker trial at a time.
+    sweep_concurrency: int = 1
+    sweep_workers: int = 2
+    # Blocks of the plain (DeiT-style) ViTs, each DVT exit included; None: the model's own (6 for the nanos).
+    # Quick trains them at depth 4, as configs/tiny_cpu.yaml does: they cost 10-25x the hierarchical nanos.
+    vit_depth: int | None = None
+    # The final model of each training run as an MLflow model (torch.export, ~5 s each); the registered
+    # champions are logged either way.
+    log_models: bool = True
 
 
 PROFILES = {
-    "quick": Profile(train_images=6_000, test_images=2_000, epochs=2, sweep_trials=3, sweep_epochs=2),
+    # A tenth of the training images is held out for validation. Small batches: more steps in 2 epochs.
+    "quick": Profile(train_images=3_000, test_images=1_000, epochs=2, sweep_trials=3, sweep_epochs=2, batch_size=64,
+                     sweep_concurrency=3, sweep_workers=1, vit_depth=4, log_models=False),  # fmt: skip
     "full": Profile(train_images=None, test_images=None, epochs=10, sweep_trials=8, sweep_epochs=6),
 }
 
@@ -50,6 +64,15 @@ MODELS = [
     ("vit_msa_nano", {}, {}),
     ("dvt_vit_nano", {}, {}),
 ]
+
+PLAIN_VITS = ("castling_vit_nano", "vit_msa_nano", "dvt_vit_nano")  # Profile.vit_depth applies to these
+
+
+def _model_kwargs(name: str, kwargs: dict, profile: Profile) -> dict:
+    if profile.vit_depth is not None and name in PLAIN_VITS:
+        return {"depth": profile.vit_depth, **kwargs}
+    return kwargs
+
 
 # (space file, model the sweep trains, extra overrides)
 SWEEPS = [
@@ -87,11 +110,13 @@ def build_demo_shards(out_dir: Path, profile: Profile, source: Path = FASHION_MN
     subset = ArraySource(splits, full.classes, name=full.name, format=full.format)
     samples = sum(len(labels) for _, labels in splits.values())
     print(f"[demo] building shards of {samples:,} Fashion-MNIST images in {out_dir}")
-    write_dataset(subset, out_dir, samples_per_shard=1_000 if profile.train_images else 5_000, val_fraction=0.1, seed=0)
+    per_shard = 5_000 if profile.train_images is None else 500 if profile.train_images <= 5_000 else 1_000
+    write_dataset(subset, out_dir, samples_per_shard=per_shard, val_fraction=0.1, seed=0)
     return out_dir
 
 
-def _common_overrides(data_dir: Path, work: Path, tracking_uri: str, epochs: int) -> dict:
+def _common_overrides(data_dir: Path, work: Path, tracking_uri: str, epochs: int, batch_size: int,
+                      log_models: bool) -> dict:  # fmt: skip
     return {
         "data.train": str(data_dir / "train"),
         "data.val": str(data_dir / "val"),
@@ -100,6 +125,8 @@ def _common_overrides(data_dir: Path, work: Path, tracking_uri: str, epochs: int
         "mlflow.tracking_uri": tracking_uri,
         "mlflow.experiment": "vitpipe-demo",
         "optim.epochs": epochs,
+        "data.batch_size": batch_size,
+        "mlflow.log_model": log_models,
         "optim.warmup_epochs": 0,
         "model.kwargs": {},
     }
@@ -112,12 +139,16 @@ def train_models(config_path: Path, data_dir: Path, work: Path, tracking_uri: st
 
     rows = []
     for name, kwargs, method in models:
-        overrides = {**_common_overrides(data_dir, work, tracking_uri, profile.epochs), "model.name": name,
-                     "model.kwargs": kwargs, "run_name": f"demo-{name}", **method}  # fmt: skip
+        common = _common_overrides(data_dir, work, tracking_uri, profile.epochs, profile.batch_size, profile.log_models)
+        kwargs = _model_kwargs(name, kwargs, profile)
+        overrides = {**common, "model.name": name, "model.kwargs": kwargs, "run_name": f"demo-{name}", **method}
         config = prepare(config_path, overrides)
-        print(f"\n[demo] === training {name} ({profile.epochs} epochs, {config.scaling.num_workers} workers) ===")
+        size = "".join(f"{k} {v}, " for k, v in kwargs.items())
+        print(f"\n[demo] === training {name} ({size}{profile.epochs} epochs, {config.scaling.num_workers} workers) ===")
+        start = time.perf_counter()
         summary = train(config, new=new)
-        rows.append({"model": name, **_run_metrics(tracking_uri, summary["mlflow_run_id"])})
+        rows.append({"model": name, **_run_metrics(tracking_uri, summary["mlflow_run_id"]),
+                     "wall_s": time.perf_counter() - start})  # fmt: skip
     return rows
 
 
@@ -150,12 +181,16 @@ def run_sweeps(config_path: Path, data_dir: Path, work: Path, tracking_uri: str,
     results = []
     for space_path, model, extra in SWEEPS:
         space = load_space(REPO / space_path).with_overrides(num_samples=profile.sweep_trials)
-        overrides = {**_common_overrides(data_dir, work, tracking_uri, profile.sweep_epochs), "model.name": model,
-                     "run_name": f"demo-sweep-{model}", **extra}  # fmt: skip
+        # the sweep registers its champion from the best checkpoint: no per-trial model export
+        common = _common_overrides(data_dir, work, tracking_uri, profile.sweep_epochs, profile.batch_size, False)
+        overrides = {**common, "model.name": model, "model.kwargs": _model_kwargs(model, {}, profile),
+                     "run_name": f"demo-sweep-{model}", "scaling.num_workers": profile.sweep_workers,
+                     **extra}  # fmt: skip
         config = prepare(config_path, overrides)
         print(f"\n[demo] === sweep {space_path} on {model}: {profile.sweep_trials} trials x "
               f"{profile.sweep_epochs} epochs ===")  # fmt: skip
-        result = run_sweep(space, config, new=new, register=True, model_name=f"demo-{model}")
+        result = run_sweep(space, config, new=new, register=True, model_name=f"demo-{model}",
+                           max_concurrent=profile.sweep_concurrency)  # fmt: skip
         print(result.table())
         results.append(result)
     return results
@@ -188,11 +223,13 @@ def _knobs(values: dict) -> str:
 
 def print_results(rows: list[dict], sweeps: list, evaluations: list, tracking_uri: str) -> None:
     print("\n[demo] === results (Fashion-MNIST, validation split) ===")
-    print(f"{'model':<20} {'params (M)':>10} {'MMACs':>8} {'val top-1 %':>12} {'train img/s':>12}")
+    # run s: the whole run as the driver saw it, Ray Train's start-up and the model export included
+    print(f"{'model':<20} {'params (M)':>10} {'MMACs':>8} {'val top-1 %':>12} {'train img/s':>12} {'run s':>6}")
     for r in rows:
         top1 = f"{r['val_top1']:.2f}" if r["val_top1"] is not None else "-"
         speed = f"{r['images_per_s']:.0f}" if r["images_per_s"] is not None else "-"
-        print(f"{r['model']:<20} {r['params_m']:>10.3f} {r['gmacs'] * 1e3:>8.2f} {top1:>12} {speed:>12}")
+        print(f"{r['model']:<20} {r['params_m']:>10.3f} {r['gmacs'] * 1e3:>8.2f} {top1:>12} {speed:>12} "
+              f"{r['wall_s']:>6.0f}")  # fmt: skip
     for result in sweeps:
         if result.best is not None:
             print(f"sweep {result.name}: best {result.metric} = {result.best.best:.2f} ({_knobs(result.best.values)})")
@@ -216,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="profile", action="store_const", const="quick",
-                      help="6,000 training images, 2 epochs, 3-trial sweeps: ~15 min on 2 idle cores (default)")
+                      help="3,000 training images, 2 epochs, 3-trial sweeps: ~8 min on 2 idle cores (default)")
     size.add_argument("--full", dest="profile", action="store_const", const="full",
                       help="all of Fashion-MNIST, 10 epochs, 8-trial sweeps")
     parser.set_defaults(profile="quick")
@@ -235,20 +272,34 @@ def main(argv: list[str] | None = None) -> int:
     tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
     config_path = Path(args.config)
 
+    phases: dict[str, float] = {}  # wall-clock seconds of each part, printed at the end
+    mark = start = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal mark
+        phases[phase], mark = time.perf_counter() - mark, time.perf_counter()
+
     data_dir = build_demo_shards(work / "shards", profile)
+    lap("shards")
     import ray
 
-    # 3 logical CPUs at least: 2 workers + the train controller. With the dashboard: Ray Train's
-    # placement-group cleaner polls its state API (and warns every second without it).
-    ray.init(num_cpus=max(os.cpu_count() or 2, 3))
+    # Logical CPUs for 2 workers + the train controller, and for the concurrent sweep trials (each its
+    # workers + its trial actor). With the dashboard: Ray Train's placement-group cleaner polls its state API.
+    ray.init(num_cpus=max(os.cpu_count() or 2, 3, profile.sweep_concurrency * (profile.sweep_workers + 1)))
+    lap("Ray start")
     try:
         rows = train_models(config_path, data_dir, work, tracking_uri, profile, args.new)
+        lap("training")
         sweeps = [] if args.skip_sweeps else run_sweeps(config_path, data_dir, work, tracking_uri, profile, args.new)
+        lap("sweeps")
     finally:
         ray.shutdown()
 
     evaluations = register_and_evaluate(rows, sweeps, data_dir, work, tracking_uri)
+    lap("registry and evaluation")
     print_results(rows, sweeps, evaluations, tracking_uri)
+    print(f"[demo] done in {(time.perf_counter() - start) / 60:.1f} min: "
+          + ", ".join(f"{phase} {seconds:.0f} s" for phase, seconds in phases.items()))  # fmt: skip
     return 0
 
 
