@@ -260,6 +260,11 @@ class _LightSelfLimitedAttention(nn.Module):
             outer = gather(self.outer_bias_table)
         return ds, inner, outer
 
+    def _queries(self, x: torch.Tensor) -> torch.Tensor:
+        """``Q = x W_Q + b``, ``(B, N, C)``; a fixed scale goes on q (N d values) rather than on the N N scores."""
+        q = self.q(x)
+        return q * self.head_dim**-0.5 if self.scale == "fixed" else q
+
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(B, N, C)`` -> queries, keys, values as ``(B, heads, N, d)``; head ``k`` of ``X`` is its channel slice."""
         B, N, _ = x.shape
@@ -267,9 +272,7 @@ class _LightSelfLimitedAttention(nn.Module):
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
 
-        q = heads(self.q(x))
-        if self.scale == "fixed":
-            q = q * self.head_dim**-0.5  # on q (N d values) rather than on the N N scores
+        q = heads(self._queries(x))
         if self.k is not None and self.v is not None:
             return q, heads(self.k(x)), heads(self.v(x))
         x_heads = heads(x).contiguous()  # one copy serves both products, instead of one inside each
@@ -382,8 +385,12 @@ class WindowLSLA(BoundRegions, _LightSelfLimitedAttention):
         attn, _ = self._limited_softmax((q @ k.transpose(-2, -1)).view(scores_shape), ds, inner, outer)
         return attn.view(B_, self.num_heads, N, N), v
 
+    def _fused_core(self) -> bool:
+        """Training with keys and values X and no attention dropout: ``_LimitedAttention`` computes ``A' X``."""
+        return self.kv == "qxx" and torch.is_grad_enabled() and not (self.training and self.attn_drop.p > 0)
+
     def forward(self, x: torch.Tensor, region_ids: torch.Tensor | None = None) -> torch.Tensor:
-        if self.kv != "qxx" or not torch.is_grad_enabled() or (self.training and self.attn_drop.p > 0):
+        if not self._fused_core():
             attn, v = self._attention(x, region_ids)
             return self._output(attn, v)
         # training, keys and values X: the fused core (see _LimitedAttention)
@@ -415,15 +422,12 @@ class WindowLSLA(BoundRegions, _LightSelfLimitedAttention):
         def split(t: torch.Tensor) -> torch.Tensor:  # (B, H, W, C) -> (B * windows * heads, N, d), one copy
             return t.view(B, H // wh, wh, W // ww, ww, h, d).permute(0, 1, 3, 5, 2, 4, 6).reshape(-1, N, d)
 
-        q = self.q(x)
-        if self.scale == "fixed":
-            q = q * self.head_dim**-0.5
+        q = self._queries(x)
         x_heads = split(x) if self.k is None or self.v is None else None
         k = split(self.k(x)) if self.k is not None else x_heads
         v = split(self.v(x)) if self.v is not None else x_heads
         ds, inner, outer = self._tables()
-        dropout = self.training and self.attn_drop.p > 0
-        if torch.is_grad_enabled() and self.kv == "qxx" and not dropout:
+        if self._fused_core():
             out = _LimitedAttention.apply(split(q), x_heads, ds, inner, outer, (-1, h, N, N))
         else:
             attn, _ = self._limited_softmax(torch.bmm(split(q), k.transpose(1, 2)).view(-1, h, N, N), ds, inner, outer)
