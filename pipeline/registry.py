@@ -156,14 +156,14 @@ def _slim_checkpoint(state: dict, directory: Path) -> None:
 def _log_model(model, example, *, experiment_id: str, run_id: str | None, extra_files: list[str],
                tags: dict) -> tuple[Any, str]:  # fmt: skip
     """``mlflow.pytorch.log_model`` as a LoggedModel of ``experiment_id`` linked to ``run_id`` (MLflow would
-    otherwise file it under the default experiment): pt2 (torch.export, safe to load), else pickle."""
+    otherwise file it under the default experiment), in the formats ``tracking.model_logging`` gives."""
     import mlflow
     import mlflow.pytorch
 
     from pipeline import tracking
 
-    logging_kwargs = tracking.model_logging_kwargs(model, example)
-    for fmt in ("pt2", "pickle") if "input_example" in logging_kwargs else ("pickle",):
+    formats, logging_kwargs = tracking.model_logging(model, example)
+    for fmt in formats:
         logged = mlflow.initialize_logged_model(name="registered_model", source_run_id=run_id, tags=tags,
                                                 experiment_id=experiment_id)  # fmt: skip
         try:

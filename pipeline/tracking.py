@@ -26,7 +26,7 @@ from mlflow.entities import Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-__all__ = ["RunLogger", "close_run", "experiment_id", "model_logging_kwargs", "open_run", "run_status", "run_tags"]
+__all__ = ["RunLogger", "close_run", "experiment_id", "model_logging", "open_run", "run_status", "run_tags"]
 
 TAG_STATUS = "vitpipe.status"  # running | finished | non_finite_loss | failed
 TAG_RUN_DIR = "vitpipe.run_dir"
@@ -142,14 +142,16 @@ def close_run(tracking_uri: str, run_id: str, status: str, reason: str) -> None:
     client.set_terminated(run_id, status)
 
 
-def model_logging_kwargs(model, example) -> dict[str, Any]:
-    """The ``pip_requirements`` and the input example or signature for ``mlflow.pytorch.log_model``.
+def model_logging(model, example) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """For ``mlflow.pytorch.log_model``: the serialization formats to try, in order, and the keyword arguments
+    (``pip_requirements`` and the input example or signature).
 
     ``example``: a float32 numpy batch. MLflow's pyfunc serves a model that returns one tensor; a model that
     returns several (a DVT cascade: one logits tensor per exit) gets an input-only signature and no example,
     since MLflow would fail to infer its output signature and to validate the example as a serving request.
-    Without an example there is no ``pt2`` (torch.export traces the example): callers log such a model as
-    ``pickle``, which also keeps its methods (a DVT's exits and costs) when it is loaded.
+    Without an example there is no ``pt2`` (torch.export traces the example): such a model is logged as
+    ``pickle`` only, which also keeps its methods (a DVT's exits and costs) when it is loaded. Otherwise
+    ``pt2`` (torch.export, safe to load), and ``pickle`` for a model that cannot be exported.
     """
     import timm
     import torch
@@ -161,10 +163,9 @@ def model_logging_kwargs(model, example) -> dict[str, Any]:
     with torch.no_grad():
         output = model(torch.as_tensor(example))
     if isinstance(output, torch.Tensor):
-        kwargs["input_example"] = example
-    else:
-        kwargs["signature"] = ModelSignature(inputs=Schema([TensorSpec(example.dtype, (-1, *example.shape[1:]))]))
-    return kwargs
+        return ("pt2", "pickle"), {**kwargs, "input_example": example}
+    signature = ModelSignature(inputs=Schema([TensorSpec(example.dtype, (-1, *example.shape[1:]))]))
+    return ("pickle",), {**kwargs, "signature": signature}
 
 
 class RunLogger:
@@ -260,13 +261,13 @@ class RunLogger:
 
         ``auto`` tries ``pt2`` (torch.export, safe to load) and falls back to ``pickle`` for a model
         that cannot be exported; a model with several outputs goes to ``pickle`` at once (see
-        :func:`model_logging_kwargs`). The format is recorded in the run's tags either way.
+        :func:`model_logging`). The format is recorded in the run's tags either way.
         """
         import mlflow.pytorch
 
-        logging_kwargs = model_logging_kwargs(model, input_example)
-        traceable = "input_example" in logging_kwargs
-        formats = (["pt2", "pickle"] if traceable else ["pickle"]) if serialization == "auto" else [serialization]
+        formats, logging_kwargs = model_logging(model, input_example)
+        if serialization != "auto":
+            formats = (serialization,)
         for index, fmt in enumerate(formats):
             try:
                 mlflow.pytorch.log_model(model, name=name, serialization_format=fmt, **logging_kwargs)
