@@ -237,16 +237,22 @@ def test_nothing_to_promote_or_load_is_a_clear_error(tiny_config, tmp_path):
         load(str(tmp_path / "missing"), tracking_uri=uri)
 
 
-def test_cascades_and_castling_are_evaluated_in_their_inference_forms(tiny_config, digits_shards, tmp_path):
-    """DVT: the budget curve (calibrated on val, measured on test); Castling: the branch is dropped."""
-    from pipeline.models.layers.castling import castling_modules
-
+def _save_tiny_cascade(tiny_config, directory: Path):
+    """A one-block DVT cascade, seeded, saved untrained as a checkpoint in ``directory``; returns the model."""
     dvt = tiny_config(run_name="dvt", model__name="dvt_vit_nano", data__img_size=32,
                       model__kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2})  # fmt: skip
     torch.manual_seed(0)
     model = build_model(dvt)
-    save_checkpoint(tmp_path / "dvt", {"epochs_done": 1, "global_step": 0, "model": model.state_dict(), "ema": None,
-                                       "config": dvt.to_dict(), "metrics": {}, "mlflow_run_id": None})  # fmt: skip
+    save_checkpoint(directory, {"epochs_done": 1, "global_step": 0, "model": model.state_dict(), "ema": None,
+                                "config": dvt.to_dict(), "metrics": {}, "mlflow_run_id": None})  # fmt: skip
+    return model
+
+
+def test_cascades_and_castling_are_evaluated_in_their_inference_forms(tiny_config, digits_shards, tmp_path):
+    """DVT: the budget curve (calibrated on val, measured on test); Castling: the branch is dropped."""
+    from pipeline.models.layers.castling import castling_modules
+
+    _save_tiny_cascade(tiny_config, tmp_path / "dvt")
     report = evaluate_model(tmp_path / "dvt", digits_shards, split="test", out_dir=tmp_path / "out")
     assert report.samples == 300 and {"exit1_top1", "exit2_top1", "exit3_top1"} <= set(report.metrics)
     budget = report.budget
@@ -304,12 +310,7 @@ def test_a_cascade_registers_as_pickle_with_an_input_signature_and_loads_whole(t
     """A DVT cascade returns one logits tensor per exit: MLflow can neither infer an output signature nor serve
     it, so it is registered as pickle with a float32 input signature and no example (no serving validation,
     which would fail and warn); the registry loads it back from its checkpoint as the same cascade."""
-    dvt = tiny_config(run_name="dvt", model__name="dvt_vit_nano", data__img_size=32,
-                      model__kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2})  # fmt: skip
-    torch.manual_seed(0)
-    model = build_model(dvt)
-    save_checkpoint(tmp_path / "dvt", {"epochs_done": 1, "global_step": 0, "model": model.state_dict(), "ema": None,
-                                       "config": dvt.to_dict(), "metrics": {}, "mlflow_run_id": None})  # fmt: skip
+    model = _save_tiny_cascade(tiny_config, tmp_path / "dvt")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     promotion = promote_checkpoint(tmp_path / "dvt", tracking_uri=uri, name="cascade")
     logs = capfd.readouterr()
