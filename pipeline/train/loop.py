@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import sys
 import tempfile
 import time
@@ -417,8 +418,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state.load(load_checkpoint(directory, map_location=device))
-    torch.manual_seed(config.optim.seed + 7919 * d.rank + state.epochs_done)  # dropout / mixup differ by rank
-    np.random.seed((config.optim.seed + 7919 * d.rank + state.epochs_done) % 2**32)
+    # Dropout and mixup differ by rank. Python's random too: timm's random crops draw from it, in this process
+    # when there are no loader workers (DataLoader seeds its workers' own).
+    run_seed = config.optim.seed + 7919 * d.rank + state.epochs_done
+    torch.manual_seed(run_seed)
+    np.random.seed(run_seed % 2**32)
+    random.seed(run_seed)
     castling = has_castling(state.model)
 
     logger = None
