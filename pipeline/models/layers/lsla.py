@@ -91,13 +91,28 @@ def _limited_softmax_forward(scores, ds, inner, outer) -> tuple[torch.Tensor, to
     return probs, probs + outer if outer is not None else probs
 
 
-def _limited_softmax_backward(ctx, grad, scores, ds, probs, needs):
-    """Gradients for ``S``, ``DS``, ``B_i``, ``B_o`` (``None`` where ``needs`` is false); see ``_LimitedSoftmax``."""
+def _shares_memory(a: torch.Tensor | None, b: torch.Tensor) -> bool:
+    return a is not None and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _limited_softmax_backward(ctx, grad, scores, ds, probs, needs, grad_is_scratch=False):
+    """Gradients for ``S``, ``DS``, ``B_i``, ``B_o`` (``None`` where ``needs`` is false); see ``_LimitedSoftmax``.
+
+    ``grad_is_scratch``: ``grad`` is the caller's own tensor, dead after the softmax backward, so ``g ⊙ DS``
+    can be written into it (a warm buffer instead of a fresh ``(B, heads, N, N)`` one).
+    """
     need_scores, need_ds, need_inner, need_outer = needs
     g_outer = grad.sum_to_size(ctx.outer_shape) if need_outer else None
     g_logits = torch.ops.aten._softmax_backward_data(grad, probs, -1, probs.dtype)
     g_inner = g_logits.sum_to_size(ctx.inner_shape) if need_inner else None
-    g_scores = (g_logits * ds if ds is not None else g_logits) if need_scores else None
+    g_scores = None
+    if need_scores:
+        if ds is None:
+            g_scores = g_logits
+        elif grad_is_scratch and grad.is_contiguous() and not _shares_memory(g_outer, grad):
+            g_scores = torch.mul(g_logits, ds, out=grad)
+        else:
+            g_scores = g_logits * ds
     g_ds = None
     if need_ds:
         # g_logits is read for the last time: its buffer can take g ⊙ S (one (B, heads, N, N) tensor
@@ -157,7 +172,7 @@ class _LimitedAttention(torch.autograd.Function):
         g_attn = torch.bmm(grad, x.transpose(1, 2)).view(probs.shape)
         g_x = torch.bmm(attn.transpose(1, 2), grad) if need_x else None
         g_scores, g_ds, g_inner, g_outer = _limited_softmax_backward(
-            ctx, g_attn, scores, ds, probs, (need_q or need_x, need_ds, need_inner, need_outer)
+            ctx, g_attn, scores, ds, probs, (need_q or need_x, need_ds, need_inner, need_outer), grad_is_scratch=True
         )
         g_q = None
         if g_scores is not None:
