@@ -28,6 +28,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.swin_transformer import PatchMerging, window_partition, window_reverse
 from torch import nn
 
+from .layers.inplace import GELU
 from .layers.lsla import WindowLSLA
 from .layers.window_msa import WindowMSA
 
@@ -100,7 +101,7 @@ class ConvStem(nn.Module):
         hidden_dim = hidden_dim or dim // 2
         self.conv1 = nn.Conv2d(in_chans, hidden_dim, kernel_size=3, stride=2, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(hidden_dim)
-        self.act = nn.GELU()
+        self.act = GELU()  # in place in eager inference: its input is the BatchNorm's fresh output
         self.conv2 = nn.Conv2d(hidden_dim, dim, kernel_size=3, stride=2, padding=1)
         self.norm = nn.LayerNorm(dim)
 
@@ -142,7 +143,7 @@ class HierarchicalBlock(nn.Module):
         )  # fmt: skip
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), drop=proj_drop)
+        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=GELU, drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         region_ids = window_region_ids(resolution, window_size, shift_size)
         # a kind that can bind them keeps the ids and the masks made from them (buffers, built once);

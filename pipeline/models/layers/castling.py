@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from timm.layers import to_2tuple
 from torch import Tensor, nn
 
+from .inplace import eager_without_autograd
 from .window_msa import check_heads, check_windows
 
 __all__ = [
@@ -44,12 +45,6 @@ DWCONV_MODES = ("tokens", "grid")
 def _inv_norm(t: Tensor) -> Tensor:
     """``1 / max(||t||, 1e-12)`` over the last axis, keepdim (F.normalize's convention)."""
     return torch.linalg.vector_norm(t, dim=-1, keepdim=True).clamp_min(1e-12).reciprocal()
-
-
-def _eager_without_autograd() -> bool:
-    """Intermediates may be overwritten in place: nothing is kept for backward and no graph is being
-    traced (export and compile want functional ops, no ``out=``)."""
-    return not (torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.compiler.is_exporting())
 
 
 class _LinearAngularAttention(nn.Module):
@@ -132,7 +127,7 @@ class _LinearAngularAttention(nn.Module):
             qr = (q.unsqueeze(-2) * regions.unsqueeze(-1)).reshape(*lead, n, -1)
             y = qr @ (kr.transpose(-2, -1) @ v)
         # q̂ (k̂ᵀ v) = (q (k̂ᵀ v)) / ||q||: scale the product's rows rather than normalising q first
-        return torch.addcmul(v, y, _inv_norm(q), out=y if _eager_without_autograd() else None)
+        return torch.addcmul(v, y, _inv_norm(q), out=y if eager_without_autograd() else None)
 
     def sparse_attention(self, q: Tensor, k: Tensor, v: Tensor, regions: Tensor | None) -> Tensor:
         """``Sparse · v`` with ``Sparse = P ⊙ 1[P > eps]``; records the mask statistics while training."""
@@ -183,7 +178,7 @@ class _LinearAngularAttention(nn.Module):
     def attend_tokens(self, x: Tensor, grid: tuple[int, int], num_prefix: int = 0) -> Tensor:
         """The whole attention on (B, N, C) tokens, without region restriction: (B, N, C)."""
         q, k, v = self.split_heads(x)
-        if _eager_without_autograd():
+        if eager_without_autograd():
             return self.attend_tokens_in_place(q, k, v, grid, num_prefix)
         y = self.angular(q, k, v)
         if self.sparse_branch:
