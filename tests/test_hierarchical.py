@@ -255,7 +255,8 @@ def test_fused_residual_is_x_plus_drop_path(training):
 @pytest.mark.parametrize("attn", ["lsla", "msa"])
 @pytest.mark.parametrize("resolution", [(8, 8), (8, 12)])
 def test_shifted_windows_by_one_gather_equal_roll_and_partition(attn, resolution):
-    """A shifted block gathers its windows in one index_select; Swin's roll + partition (and back) gives the same."""
+    """A shifted block gathers its windows in one index_select (LSLA: its forward_map gathers windows and heads
+    together); Swin's roll + partition (and back) gives the same values and gradients."""
     from pipeline.models.hierarchical import window_attention_class
 
     torch.manual_seed(8)
@@ -277,7 +278,7 @@ def test_shifted_windows_by_one_gather_equal_roll_and_partition(attn, resolution
     grads = torch.autograd.grad((got * weight).sum(), inputs)
     for g, e in zip(grads, torch.autograd.grad((expected * weight).sum(), inputs)):
         torch.testing.assert_close(g, e)
-    # unshifted blocks hand the map to the attention's forward_map (tested in test_lsla) when it has one
+    # unshifted blocks hand the map to the attention's forward_map (tested in test_lsla) when it has one too
     plain = HierarchicalBlock(8, 2, resolution=resolution, window_size=window, shift_size=(0, 0),
                               attn_layer=window_attention_class(attn), attn_kwargs={})  # fmt: skip
     y = torch.randn(2, *resolution, 8)

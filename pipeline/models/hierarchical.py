@@ -167,8 +167,11 @@ class HierarchicalBlock(nn.Module):
         (wh, ww), (sh, sw) = self.window_size, self.shift_size
         pad_h, pad_w = -H % wh, -W % ww
         forward_map = getattr(self.attn, "forward_map", None)
-        if forward_map is not None and not (sh or sw or pad_h or pad_w) and getattr(self.attn, "num_heads", 1) > 1:
-            return forward_map(x)  # the kind partitions and reverses while it splits and merges heads
+        if forward_map is not None and not (pad_h or pad_w) and getattr(self.attn, "num_heads", 1) > 1:
+            # the kind partitions and reverses while it splits and merges heads
+            if not (sh or sw):
+                return forward_map(x)
+            return forward_map(x, self.window_order, self.window_order_inverse, self.region_ids)
         if self.window_order is not None:  # shifted, unpadded: one gather each way (see shifted_window_order)
             windows = x.reshape(B, H * W, C).index_select(1, self.window_order)
             windows = self.attn(windows.view(-1, wh * ww, C), self.region_ids)
