@@ -30,7 +30,7 @@ from torch import nn
 
 from .layers.inplace import GELU
 from .layers.lsla import WindowLSLA
-from .layers.window_msa import WindowMSA
+from .layers.window_msa import WindowMSA, permute_along
 
 __all__ = [
     "HierarchicalViT", "ConvStem", "window_attention_class", "window_region_ids", "shifted_window_order",
@@ -173,9 +173,10 @@ class HierarchicalBlock(nn.Module):
                 return forward_map(x)
             return forward_map(x, self.window_order, self.window_order_inverse, self.region_ids)
         if self.window_order is not None:  # shifted, unpadded: one gather each way (see shifted_window_order)
-            windows = x.reshape(B, H * W, C).index_select(1, self.window_order)
+            order, inverse = self.window_order, self.window_order_inverse
+            windows = permute_along(x.reshape(B, H * W, C), 1, order, inverse)
             windows = self.attn(windows.view(-1, wh * ww, C), self.region_ids)
-            return windows.view(B, H * W, C).index_select(1, self.window_order_inverse).view(B, H, W, C)
+            return permute_along(windows.view(B, H * W, C), 1, inverse, order).view(B, H, W, C)
         if sh or sw:
             x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
         if pad_h or pad_w:

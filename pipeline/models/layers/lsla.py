@@ -41,7 +41,7 @@ from timm.layers import to_2tuple, trunc_normal_
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .window_msa import BoundRegions, check_heads, check_windows, relative_position_index
+from .window_msa import BoundRegions, check_heads, check_windows, permute_along, relative_position_index
 
 __all__ = ["WindowLSLA", "GlobalLSLA", "global_relative_position_index"]
 
@@ -431,7 +431,7 @@ class WindowLSLA(BoundRegions, _LightSelfLimitedAttention):
         With several heads the tensors are copied anyway to split and merge the heads: here those copies
         also partition and reverse the windows, two passes over the map fewer each way. Shifted windows:
         ``window_order`` and its inverse (``shifted_window_order`` of the backbone) and the windows'
-        ``region_ids``; each copy is then one gather of ``d``-channel rows (``_PermutedRows``). Unshifted ones
+        ``region_ids``; each copy is then one gather of ``d``-channel rows (``permute_along``). Unshifted ones
         keep the permuting copy: a row gather is slower on small maps in large batches (vit_lsla_nano
         at 32x32, batch 256: inference 1.17-1.18x hier_msa_nano with copies, 1.12-1.14x with gathers).
         ``H`` and ``W`` must be multiples of the window (no padding).
@@ -457,10 +457,10 @@ class WindowLSLA(BoundRegions, _LightSelfLimitedAttention):
             rows, back = _head_rows(window_order, window_order_inverse, B, h, N)
 
             def split(t: torch.Tensor) -> torch.Tensor:
-                return _PermutedRows.apply(t.reshape(-1, d), rows, back).view(-1, N, d)
+                return permute_along(t.reshape(-1, d), 0, rows, back).view(-1, N, d)
 
             def merge(t: torch.Tensor) -> torch.Tensor:
-                return _PermutedRows.apply(t.reshape(-1, d), back, rows).view(B, H, W, C)
+                return permute_along(t.reshape(-1, d), 0, back, rows).view(B, H, W, C)
 
         q = self._queries(x)
         x_heads = split(x) if self.k is None or self.v is None else None
@@ -473,26 +473,6 @@ class WindowLSLA(BoundRegions, _LightSelfLimitedAttention):
             attn, _ = self._limited_softmax(torch.bmm(split(q), k.transpose(1, 2)).view(scores_shape), ds, inner, outer)
             out = torch.bmm(attn.view(-1, N, N), v)
         return self.proj_drop(self.proj(merge(out)))
-
-
-class _PermutedRows(torch.autograd.Function):
-    """``src[index]`` for a permutation ``index`` of the rows; the backward gathers by ``inverse``.
-
-    Autograd's backward of ``index_select`` fills zeros and scatter-adds (the CPU kernel expands the index
-    to every column first): ~1.3 ms per call at Swin-T's first stage (batch 4, 37,632 rows of 32 channels,
-    one thread, in the model), where this gather takes ~0.7 ms.
-    """
-
-    @staticmethod
-    def forward(ctx, src: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
-        return src.index_select(0, index)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
 
 
 def _head_rows(order: torch.Tensor, order_inverse: torch.Tensor, images: int, heads: int, window_area: int):

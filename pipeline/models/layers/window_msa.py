@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from timm.layers import to_2tuple, trunc_normal_
+from torch.autograd.function import once_differentiable
 from timm.models.swin_transformer import get_relative_position_index
 from torch import nn
 
@@ -64,6 +65,30 @@ class BoundRegions:
         if region_ids is self.region_ids:
             return self.region_bias, self.region_keep
         return region_masks(region_ids, dtype)
+
+
+class _Permute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, src: torch.Tensor, dim: int, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.dim = dim
+        ctx.save_for_backward(inverse)
+        return src.index_select(dim, index)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(ctx.dim, inverse), None, None, None
+
+
+def permute_along(src: torch.Tensor, dim: int, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """``src.index_select(dim, index)`` for a permutation ``index`` whose inverse is ``inverse``.
+
+    The backward gathers by ``inverse``. Autograd's backward of ``index_select`` fills zeros and
+    scatter-adds (the CPU kernel expands the index to every column first): ~1.3 ms per call at Swin-T's
+    first stage (batch 4, 37,632 rows of 32 channels, one thread, in the model), where the gather takes ~0.7 ms.
+    """
+    return _Permute.apply(src, dim, index, inverse)
 
 
 def check_heads(dim: int, num_heads: int) -> int:
