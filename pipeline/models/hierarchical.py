@@ -168,9 +168,7 @@ class HierarchicalBlock(nn.Module):
         pad_h, pad_w = -H % wh, -W % ww
         forward_map = getattr(self.attn, "forward_map", None)
         if forward_map is not None and not (pad_h or pad_w) and getattr(self.attn, "num_heads", 1) > 1:
-            # the kind partitions and reverses while it splits and merges heads
-            if not (sh or sw):
-                return forward_map(x)
+            # the kind partitions and reverses while it splits and merges heads (order and ids None: unshifted)
             return forward_map(x, self.window_order, self.window_order_inverse, self.region_ids)
         if self.window_order is not None:  # shifted, unpadded: one gather each way (see shifted_window_order)
             order, inverse = self.window_order, self.window_order_inverse

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 from timm.layers import to_2tuple, trunc_normal_
-from torch.autograd.function import once_differentiable
 from timm.models.swin_transformer import get_relative_position_index
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 __all__ = ["WindowMSA", "BoundRegions", "relative_position_index", "cross_region_mask", "region_masks", "check_heads", "check_windows"]
 
