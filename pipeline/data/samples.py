@@ -10,7 +10,8 @@ that name the shard and the sample key.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import IO
 
 from PIL import Image
 
@@ -43,12 +44,29 @@ def sample_members(key: str, ext: str, data: bytes, label: int) -> dict:
 
 
 def iter_shard(url: str, offset: int = 0) -> Iterator[dict]:
-    """The samples of one shard, as dicts of raw bytes with ``__key__`` and ``__url__``.
+    """The samples of one shard as webdataset's tar iterators read them: dicts of raw bytes with ``__key__``
+    and ``__url__`` (the independent reader ``verify_shards`` checks with; training reads ``tar.read_shard``).
 
     ``offset``: start at this byte offset, a sample boundary from the manifest (local files only).
     Raises ShardError naming the shard (and the last good key) when it cannot be opened or read.
     """
     from webdataset import tariterators
+
+    def webdataset_samples(stream: IO[bytes]) -> Iterable[dict]:
+        # tarfile ends quietly when a member header is cut off: the sample before it comes out partial,
+        # which checked_samples reports as incomplete
+        files = tariterators.tar_file_expander([{"url": url, "stream": stream}], eof_value={})
+        return tariterators.group_by_keys(files)
+
+    return checked_samples(url, offset, webdataset_samples)
+
+
+def checked_samples(url: str, offset: int, read: Callable[[IO[bytes]], Iterable[dict]]) -> Iterator[dict]:
+    """Open shard ``url`` (at byte ``offset``, local files only) and yield the samples ``read(stream)`` gives.
+
+    Every failure becomes a ShardError naming the shard and the last good key: the shard cannot be opened,
+    ``read`` raises, or a sample lacks its label or image (a truncated or damaged shard).
+    """
     from webdataset.gopen import gopen
 
     try:
@@ -61,10 +79,8 @@ def iter_shard(url: str, offset: int = 0) -> Iterator[dict]:
         raise ShardError(f"shard {url}: cannot open ({type(exc).__name__}: {exc})") from exc
     last_key = None
     try:
-        files = tariterators.tar_file_expander([{"url": url, "stream": stream}], eof_value={})
-        for sample in tariterators.group_by_keys(files):
+        for sample in read(stream):
             if LABEL_EXT not in sample or not IMAGE_EXTS.intersection(sample):
-                # tarfile ends quietly when a member header is cut off: the sample before it comes out partial.
                 members = sorted(k for k in sample if not k.startswith("__"))
                 raise ShardError(
                     f"shard {url}: sample {sample['__key__']!r} is incomplete (members {members}): "

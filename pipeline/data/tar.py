@@ -30,8 +30,7 @@ import re
 import zlib
 from collections.abc import Iterator
 
-from .manifest import local_path
-from .samples import IMAGE_EXTS, LABEL_EXT, ShardError, _exit_status
+from .samples import checked_samples
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
@@ -236,38 +235,4 @@ def read_shard(url: str, offset: int = 0) -> Iterator[dict]:
     Raises ShardError naming the shard (and the last good key) when it cannot be opened or read, or
     when a sample lacks its label or image.
     """
-    from webdataset.gopen import gopen
-
-    try:
-        if offset:
-            stream = open(local_path(url), "rb")
-            stream.seek(offset)
-        else:
-            stream = gopen(url, "rb")
-    except Exception as exc:
-        raise ShardError(f"shard {url}: cannot open ({type(exc).__name__}: {exc})") from exc
-    last_key = None
-    try:
-        for sample in iter_samples(stream, url, offset):
-            if LABEL_EXT not in sample or not IMAGE_EXTS.intersection(sample):
-                members = sorted(k for k in sample if not k.startswith("__"))
-                raise ShardError(
-                    f"shard {url}: sample {sample['__key__']!r} is incomplete (members {members}): "
-                    f"the shard is truncated or damaged"
-                )
-            last_key = sample["__key__"]
-            yield sample
-    except ShardError:
-        raise
-    except Exception as exc:
-        where = f"after sample {last_key!r}" if last_key else "before its first sample"
-        cause = f"{type(exc).__name__}: {exc.args[0] if exc.args else ''}"
-        status = _exit_status(stream)
-        if status:
-            cause += f"; the command exited with status {status}"
-        raise ShardError(f"shard {url}: unreadable {where} ({cause})") from exc
-    finally:
-        try:
-            stream.close()
-        except Exception:
-            pass  # a pipe we stopped reading early exits with SIGPIPE; nothing to report
+    return checked_samples(url, offset, lambda stream: iter_samples(stream, url, offset))
