@@ -1,7 +1,7 @@
 """ViT-LSLA against Swin-T: parameters, GMACs and CPU throughput, measured side by side in one run.
 
     python -m benchmarks.bench_lsla                    # all three groups below, a few minutes of CPU time
-    python -m benchmarks.bench_lsla --quick            # 3 rounds instead of 6
+    python -m benchmarks.bench_lsla --quick            # 3 rounds instead of 10
     python -m benchmarks.bench_lsla --only attention   # one group: 224, nano or attention
     python -m benchmarks.bench_lsla --json out.json    # also every entry's figures and verdicts as JSON
 
@@ -13,9 +13,15 @@ Groups:
 
 Each group is timed round-robin (one step of every entry, then the next round), so load from other
 processes hits all alike. Training is forward + backward (+ SGD step for models); inference is forward
-under ``torch.inference_mode`` (models in eval mode). Ratios are against the group's reference. The
-target is that LSLA keeps its MAC advantage in time: throughput ratio >= 0.95 x MAC advantage
-(reference MACs / model MACs). ``GMAC/s`` is the inference MAC rate: how well a model's MACs run.
+under ``torch.inference_mode`` (models in eval mode). The target is that LSLA keeps its MAC advantage in
+time: throughput ratio >= 0.95 x MAC advantage (reference MACs / model MACs). ``GMAC/s`` is the inference
+MAC rate: how well a model's MACs run.
+
+Ratios: the median over rounds of the reference's time over the entry's time in the same round, with the
+interquartile range of those per-round ratios (``IQR``). The two steps of a round run seconds apart, so a
+drift of the machine's speed cancels; a ratio of each side's best round does not: one Swin-T round 5%
+faster than its other nine moved vit_lsla_tiny's training ratio from 1.22x to 1.17x. LSLA models whose
+msa twin is in the group (``vit_lsla_X`` and ``hier_msa_X``) are also compared with the twin, alike.
 
 Clock: by default one intra-op thread and this process's CPU time, best round of each entry. On a
 shared machine wall-clock time mostly measures the other processes (waiting for a core counts, and
@@ -126,48 +132,76 @@ def attention_entry(kind: str, dim: int, heads: int, side: int, batch: int) -> E
     return Entry(f"{kind} C={dim} h={heads} {side}x{side}", train, infer, count_params(attn), macs)
 
 
-def summarize(entries: list[Entry], reference: Entry, batch: int, pick) -> list[dict]:
-    """One record per entry: MACs are per image, rates in images/s, ratios against ``reference``.
+def paired_ratio(reference_s: list[float], entry_s: list[float]) -> tuple[float, float, float]:
+    """Median, first and third quartile over rounds of ``reference_s[i] / entry_s[i]`` (a speed-up)."""
+    ratios = [r / e for r, e in zip(reference_s, entry_s, strict=True)]
+    if len(ratios) == 1:
+        return ratios[0], ratios[0], ratios[0]
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return statistics.median(ratios), q1, q3
 
-    ``train_ok`` / ``infer_ok``: throughput ratio >= 0.95 x MAC advantage (``None`` for the reference).
+
+def summarize(entries: list[Entry], reference: Entry, batch: int, pick) -> list[dict]:
+    """One record per entry: MACs are per image, rates in images/s (``pick`` of the rounds), ratios against
+    ``reference`` as ``paired_ratio`` gives them.
+
+    ``train_ok`` / ``infer_ok``: ratio >= 0.95 x MAC advantage (``None`` for the reference). An LSLA entry whose
+    msa twin is in the group gets ``twin``: the same comparison against the twin.
     """
-    ref_train, ref_infer = batch / pick(reference.train_s), batch / pick(reference.infer_s)
+    by_name = {e.name: e for e in entries}
+
+    def compare(e: Entry, against: Entry) -> dict:
+        advantage = against.macs / e.macs
+        record = dict(mac_advantage=advantage, target_ratio=0.95 * advantage)
+        for kind, times, reference_times in (("train", e.train_s, against.train_s), ("infer", e.infer_s, against.infer_s)):
+            ratio, q1, q3 = paired_ratio(reference_times, times)
+            record.update({f"{kind}_ratio": ratio, f"{kind}_ratio_iqr": [q1, q3], f"{kind}_ok": ratio >= 0.95 * advantage})
+        return record
+
     records = []
     for e in entries:
-        train, infer = batch / pick(e.train_s), batch / pick(e.infer_s)
-        advantage = reference.macs / e.macs
-        train_x, infer_x = train / ref_train, infer / ref_infer
-        is_reference = e is reference
+        twin = by_name.get(e.name.replace("vit_lsla_", "hier_msa_")) if e.name.startswith("vit_lsla_") else None
         records.append(dict(
-            name=e.name, reference=is_reference, params=e.params, macs=e.macs,
-            train_images_per_s=train, infer_images_per_s=infer, infer_gmac_per_s=e.macs * infer / 1e9,
-            mac_advantage=advantage, train_ratio=train_x, infer_ratio=infer_x, target_ratio=0.95 * advantage,
-            train_ok=None if is_reference else train_x >= 0.95 * advantage,
-            infer_ok=None if is_reference else infer_x >= 0.95 * advantage,
+            name=e.name, reference=e is reference, params=e.params, macs=e.macs,
+            train_images_per_s=batch / pick(e.train_s), infer_images_per_s=batch / pick(e.infer_s),
+            infer_gmac_per_s=e.macs * batch / pick(e.infer_s) / 1e9,
+            **compare(e, reference),
+            twin=None if twin is None or twin is reference else dict(name=twin.name, **compare(e, twin)),
             train_s=e.train_s, infer_s=e.infer_s,
         ))  # fmt: skip
+        if e is reference:
+            records[-1].update(train_ok=None, infer_ok=None)
     return records
 
 
 def print_table(title: str, records: list[dict]) -> None:
     reference = next(r["name"] for r in records if r["reference"])
-    print(f"\n{title}; ratios against {reference}")
+    print(f"\n{title}; ratios against {reference} (median of the rounds' ratios, IQR)")
     header = (f"{'':32s} {'params':>8s} {'GMACs':>7s} {'train/s':>8s} {'infer/s':>8s} {'GMAC/s':>7s} "
-              f"{'MAC adv':>8s} {'train x':>8s} {'infer x':>8s}  target (x >= 0.95 MAC adv)")  # fmt: skip
+              f"{'MAC adv':>8s} {'train x':>8s} {'IQR':>11s} {'infer x':>8s} {'IQR':>11s}  target (x >= 0.95 MAC adv)")  # fmt: skip
     print(header + "\n" + "-" * len(header))
+
+    def ratios(r: dict) -> str:
+        return "  ".join(f"{r[f'{kind}_ratio']:8.3f} {r[f'{kind}_ratio_iqr'][0]:5.3f}-{r[f'{kind}_ratio_iqr'][1]:5.3f}"
+                         for kind in ("train", "infer"))  # fmt: skip
+
+    def verdict(r: dict) -> str:
+        return "  ".join(f"{kind} {'ok' if r[f'{kind}_ok'] else 'MISS'}" for kind in ("train", "infer"))
+
     for r in records:
-        verdict = "" if r["reference"] else "  ".join(
-            f"{kind} {'ok' if r[f'{kind}_ok'] else 'MISS'}" for kind in ("train", "infer")
-        )  # fmt: skip
         print(f"{r['name']:32s} {r['params'] / 1e6:7.2f}M {r['macs'] / 1e9:7.3f} {r['train_images_per_s']:8.2f} "
-              f"{r['infer_images_per_s']:8.2f} {r['infer_gmac_per_s']:7.1f} {r['mac_advantage']:8.3f} "
-              f"{r['train_ratio']:8.3f} {r['infer_ratio']:8.3f}  {verdict}")  # fmt: skip
+              f"{r['infer_images_per_s']:8.2f} {r['infer_gmac_per_s']:7.1f} {r['mac_advantage']:8.3f} {ratios(r)}"
+              f"  {'' if r['reference'] else verdict(r)}")  # fmt: skip
+        if r["twin"]:
+            twin = r["twin"]
+            print(f"{'  over ' + twin['name']:32s} {'':8s} {'':7s} {'':8s} {'':8s} {'':7s} {twin['mac_advantage']:8.3f} "
+                  f"{ratios(twin)}  {verdict(twin)}")  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=[*MODEL_GROUPS, "attention"], help="run one group only")
-    parser.add_argument("--reps", type=int, default=6, help="timed rounds per group")
+    parser.add_argument("--reps", type=int, default=10, help="timed rounds per group")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="3 timed rounds")
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="process CPU time or wall clock")
