@@ -153,9 +153,10 @@ def summarize(entries: list[Entry], reference: Entry, batch: int, pick) -> list[
     def compare(e: Entry, against: Entry) -> dict:
         advantage = against.macs / e.macs
         record = dict(mac_advantage=advantage, target_ratio=0.95 * advantage)
-        for kind, times, reference_times in (("train", e.train_s, against.train_s), ("infer", e.infer_s, against.infer_s)):
-            ratio, q1, q3 = paired_ratio(reference_times, times)
-            record.update({f"{kind}_ratio": ratio, f"{kind}_ratio_iqr": [q1, q3], f"{kind}_ok": ratio >= 0.95 * advantage})
+        for kind in ("train", "infer"):
+            ratio, q1, q3 = paired_ratio(getattr(against, f"{kind}_s"), getattr(e, f"{kind}_s"))
+            record.update({f"{kind}_ratio": ratio, f"{kind}_ratio_iqr": [q1, q3],
+                           f"{kind}_ok": None if e is against else ratio >= 0.95 * advantage})  # fmt: skip
         return record
 
     records = []
@@ -169,8 +170,6 @@ def summarize(entries: list[Entry], reference: Entry, batch: int, pick) -> list[
             twin=None if twin is None or twin is reference else dict(name=twin.name, **compare(e, twin)),
             train_s=e.train_s, infer_s=e.infer_s,
         ))  # fmt: skip
-        if e is reference:
-            records[-1].update(train_ok=None, infer_ok=None)
     return records
 
 
@@ -182,8 +181,10 @@ def print_table(title: str, records: list[dict]) -> None:
     print(header + "\n" + "-" * len(header))
 
     def ratios(r: dict) -> str:
-        return "  ".join(f"{r[f'{kind}_ratio']:8.3f} {r[f'{kind}_ratio_iqr'][0]:5.3f}-{r[f'{kind}_ratio_iqr'][1]:5.3f}"
-                         for kind in ("train", "infer"))  # fmt: skip
+        return "  ".join(
+            f"{r[f'{kind}_ratio']:8.3f} {r[f'{kind}_ratio_iqr'][0]:5.3f}-{r[f'{kind}_ratio_iqr'][1]:5.3f}"
+            for kind in ("train", "infer")
+        )
 
     def verdict(r: dict) -> str:
         return "  ".join(f"{kind} {'ok' if r[f'{kind}_ok'] else 'MISS'}" for kind in ("train", "infer"))
