@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="profile", action="store_const", const="quick",
-                      help="3,000 training images, 2 epochs, 3-trial sweeps: ~6 min on 2 idle cores (default)")
+                      help="3,000 training images, 2 epochs, 3-trial sweeps: 6-10 min on 2 idle cores (default)")
     size.add_argument("--full", dest="profile", action="store_const", const="full",
                       help="all of Fashion-MNIST, 10 epochs, 8-trial sweeps")
     parser.set_defaults(profile="quick")
