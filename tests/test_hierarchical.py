@@ -255,7 +255,7 @@ def test_fused_residual_is_x_plus_drop_path(training):
 @pytest.mark.parametrize("attn", ["lsla", "msa"])
 @pytest.mark.parametrize("resolution", [(8, 8), (8, 12)])
 def test_shifted_windows_by_one_gather_equal_roll_and_partition(attn, resolution):
-    """A shifted block gathers its windows in one index_select (LSLA: its forward_map gathers windows and heads
+    """A shifted block gathers its windows in one gather, ``permute_along`` (LSLA: its forward_map gathers windows and heads
     together); Swin's roll + partition (and back) gives the same values and gradients."""
     from pipeline.models.hierarchical import window_attention_class
 

@@ -3,8 +3,9 @@
 A sample is two tar members sharing a key: ``<key>.<ext>`` (the encoded image; ext = png, jpg, ...) and
 ``<key>.cls`` (the class index as decimal text), the WebDataset convention. Keys are
 ``<source split>-<index in that split>`` (``train-00012345``), so a bad sample can be traced to its source.
-Tar reading is webdataset's (gopen for every URL scheme, its tar iterators); this module adds the errors
-that name the shard and the sample key.
+Shards are opened with webdataset's gopen (every URL scheme). ``iter_shard`` reads them with webdataset's tar
+iterators, ``tar.read_shard`` (training) with the project's faster reader; both go through ``checked_samples``,
+which adds the errors that name the shard and the sample key.
 """
 
 from __future__ import annotations
