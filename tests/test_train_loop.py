@@ -22,6 +22,7 @@ from pipeline.train.checkpoint import (
     load_checkpoint,
     load_model,
     save_checkpoint,
+    strip_wrapper_prefixes,
 )
 from pipeline.train.config import ConfigError, TrainConfig
 from pipeline.train.launcher import NonFiniteLossError, _resume_point, train
@@ -262,6 +263,54 @@ def test_resume_point_new_and_mismatch(tiny_config):
     with pytest.raises(ConfigError, match="model: the checkpoints of run 'tiny-cpu' .* pass --new"):
         _resume_point(tiny_config(model__kwargs__depth=3), new=False)
     assert _resume_point(config, new=True) is None and not Path(config.run_dir).exists()
+
+
+# ------------------------------------------------------------------------------------------ compile and GPU settings
+
+
+def _trained(config: TrainConfig, batches) -> State:
+    state = _setup(config, CPU)
+    state.updates_per_epoch = len(batches)
+    state.scheduler = _scheduler(config, state.optimizer, updates_per_epoch=len(batches))
+    train_one_epoch(state, ListLoader(batches), CPU, config, epoch=0, castling=False)
+    state.epochs_done = 1
+    return state
+
+
+def test_state_dicts_of_compiled_or_ddp_wrapped_models_load(tmp_path):
+    config = plain_config(data={"img_size": 16}, model={"kwargs": {"depth": 1, "embed_dim": 32}})
+    state = _trained(config, [(torch.randn(4, 1, 16, 16), torch.randint(0, 5, (4,)))])
+    plain = state.model.state_dict()
+
+    class Wrapper(nn.Module):  # the names DDP gives: module.<name>
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    wrapped = {
+        "compiled": torch.compile(state.model).state_dict(),  # torch.compile is lazy: nothing compiles here
+        "ddp": Wrapper(state.model).state_dict(),
+        "compiled ddp": torch.compile(Wrapper(state.model)).state_dict(),
+        "ddp of compiled": Wrapper(torch.compile(state.model)).state_dict(),
+    }
+    assert list(wrapped["compiled ddp"])[0].startswith("_orig_mod.module.")
+    for kind, weights in wrapped.items():
+        assert weights.keys() != plain.keys(), kind
+        assert strip_wrapper_prefixes(weights).keys() == plain.keys(), kind
+        saved = state.to_dict(config, {}, None)
+        saved["model"] = weights
+        path = save_checkpoint(tmp_path / kind.replace(" ", "_"), saved)
+        assert load_checkpoint(path)["model"].keys() == plain.keys(), kind
+        model = load_model(path)  # strict load_state_dict
+        for a, b in zip(model.state_dict().values(), plain.values()):
+            assert torch.equal(a, b), kind
+        resumed = _setup(config, CPU)
+        resumed.scheduler = _scheduler(config, resumed.optimizer, updates_per_epoch=100)
+        resumed.load(saved)  # a dict handed over directly, not read by load_checkpoint
+        assert torch.equal(resumed.model.state_dict()["head.weight"], plain["head.weight"]), kind
+    # A submodule that happens to be called `module` keeps its name when other keys lack the prefix.
+    named = nn.ModuleDict({"module": nn.Linear(2, 2), "head": nn.Linear(2, 2)}).state_dict()
+    assert strip_wrapper_prefixes(named) is named
 
 
 # ------------------------------------------------------------------------------------------ in-process runs

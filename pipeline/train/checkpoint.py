@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "save_checkpoint",
+    "strip_wrapper_prefixes",
 ]
 
 STATE_FILE = "state.pt"
@@ -36,6 +38,7 @@ META_FILE = "meta.json"
 FORMAT_VERSION = 1
 _DIR_PATTERN = re.compile(r"^checkpoint_epoch(\d{4,})$")
 _META_KEYS = ("format_version", "epochs_done", "global_step", "metrics", "mlflow_run_id", "run_name", "config")
+_COMPILED = re.compile(r"(^|\.)_orig_mod\.")  # torch.compile's wrapper, at the top or around a submodule
 
 
 def checkpoint_dir_name(epochs_done: int) -> str:
@@ -54,8 +57,36 @@ def save_checkpoint(directory: str | os.PathLike, state: dict[str, Any]) -> Path
     return path
 
 
+def strip_wrapper_prefixes(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` under the plain model's names: without torch.compile's ``_orig_mod.`` and DDP's ``module.``.
+
+    The loop saves the plain model, so its checkpoints have neither; a state dict taken from a compiled or
+    DDP-wrapped model still loads. ``_orig_mod`` is torch.compile's own attribute and goes wherever it
+    is; ``module.`` only when every key starts with it (a model may have a submodule of that name).
+    """
+    ddp = bool(state_dict) and all(_COMPILED.sub(r"\1", key).startswith("module.") for key in state_dict)
+
+    def plain(name: str) -> str:
+        name = _COMPILED.sub(r"\1", name)
+        return name[len("module.") :] if ddp and name.startswith("module.") else name
+
+    names = {key: plain(key) for key in state_dict}
+    if all(key == name for key, name in names.items()):
+        return state_dict
+    if len(set(names.values())) != len(names):
+        raise ValueError("state dict keys collide once the torch.compile / DDP prefixes are removed")
+    cleaned = OrderedDict((names[key], value) for key, value in state_dict.items())
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:  # per-module format versions, keyed by module path ("" for the root)
+        cleaned._metadata = OrderedDict((plain(f"{path}.")[:-1], v) for path, v in metadata.items())
+    return cleaned
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint directory (or its ``state.pt``) with ``weights_only=True``."""
+    """Read a checkpoint directory (or its ``state.pt``) with ``weights_only=True``.
+
+    The model and EMA weights come back under the plain model's names (see :func:`strip_wrapper_prefixes`).
+    """
     path = Path(path)
     if path.is_dir():
         path = path / STATE_FILE
@@ -65,6 +96,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     version = state.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(f"{path}: checkpoint format {version}, this code reads {FORMAT_VERSION}")
+    for key in ("model", "ema"):
+        if state.get(key) is not None:
+            state[key] = strip_wrapper_prefixes(state[key])
     return state
 
 

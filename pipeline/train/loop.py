@@ -29,7 +29,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from pipeline.train.build import build_model, classification_loss, has_castling, to_inference_form
-from pipeline.train.checkpoint import checkpoint_dir_name, load_checkpoint, save_checkpoint, write_marker
+from pipeline.train.checkpoint import (
+    checkpoint_dir_name,
+    load_checkpoint,
+    save_checkpoint,
+    strip_wrapper_prefixes,
+    write_marker,
+)
 from pipeline.train.config import TrainConfig
 
 __all__ = ["train_loop_per_worker", "NonFiniteLoss"]
@@ -115,13 +121,13 @@ class State:
 
     def load(self, saved: dict[str, Any]) -> None:
         """Continue from a checkpoint; set ``updates_per_epoch`` (and the scheduler) for this run first."""
-        self.model.load_state_dict(saved["model"])
+        self.model.load_state_dict(strip_wrapper_prefixes(saved["model"]))
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scaler.load_state_dict(saved["scaler"])
         if self.ema is not None:
             if saved["ema"] is None:
                 raise ValueError("optim.ema is on but the checkpoint being resumed has no EMA weights")
-            self.ema.module.load_state_dict(saved["ema"])
+            self.ema.module.load_state_dict(strip_wrapper_prefixes(saved["ema"]))
         self.epochs_done = saved["epochs_done"]
         if saved.get("updates_per_epoch") == self.updates_per_epoch:
             self.scheduler.load_state_dict(saved["scheduler"])
