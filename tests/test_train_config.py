@@ -35,6 +35,7 @@ def error_of(data: dict) -> str:
 def test_defaults_fill_a_minimal_config_and_survive_a_round_trip():
     config = TrainConfig.from_dict(MINIMAL)
     assert config.optim.optimizer == "adamw" and config.scaling.num_workers == 2
+    assert not config.compile and config.compile_backend == "inductor"
     assert config.run_dir == "runs/vitpipe"
     assert TrainConfig.from_dict(yaml.safe_load(yaml.safe_dump(config.to_dict()))) == config
 
@@ -57,6 +58,11 @@ def test_defaults_fill_a_minimal_config_and_survive_a_round_trip():
         ({"method": {"dvt": {"exit_weights": [1.0, -1.0]}}}, "method.dvt.exit_weights must be non-negative"),
         ({"scaling": {"resources_per_worker": {"GPU": 1}}}, "scaling.resources_per_worker.GPU: use scaling"),
         ({"run_name": "my run"}, "run_name must be letters"),
+        ({"compile": "yes"}, "compile: expected true/false, got 'yes'"),
+        ({"compile_mode": "fast"}, "compile_mode: expected one of 'default', 'reduce-overhead', 'max-autotune'"),
+        ({"compile_backend": "tvm"}, "compile_backend: expected one of 'inductor', 'aot_eager'"),
+        ({"compile": True, "compile_mode": "max-autotune", "compile_backend": "aot_eager"},
+         "compile_mode: 'max-autotune' is an inductor mode; compile_backend is 'aot_eager'"),
     ],
 )
 def test_errors_name_the_field(change, message):
@@ -191,6 +197,12 @@ def test_example_configs_are_valid_and_build_their_model(path):
     with torch.device("meta"):  # parameters without memory: even the 224x224 models build in a blink
         model = build_model(TrainConfig.from_dict(data))
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_the_gpu_configs_compile_and_the_cpu_configs_do_not():
+    compiled = {path.name: load_config(path).compile for path in CONFIGS}
+    gpu = {path.name for path in CONFIGS if load_config(path).scaling.use_gpu}
+    assert gpu and {name for name, on in compiled.items() if on} == gpu
 
 
 def test_every_model_family_has_an_example_config():

@@ -277,6 +277,49 @@ def _trained(config: TrainConfig, batches) -> State:
     return state
 
 
+def test_compiled_training_matches_eager_and_checkpoints_the_plain_model(tmp_path):
+    """aot_eager traces forward and backward through AOTAutograd as inductor does, then runs the graphs eagerly:
+    a quick compile, and the numbers of the eager run."""
+    from torch._dynamo.utils import counters
+
+    from pipeline.train.build import build_model
+
+    torch.manual_seed(4)
+    batches = [(torch.randn(4, 1, 16, 16), torch.randint(0, 5, (4,))) for _ in range(3)]
+    sections = dict(data={"img_size": 16}, model={"kwargs": {"depth": 1, "embed_dim": 32}},
+                    optim={"ema": True, "epochs": 2})  # fmt: skip
+    eager = _trained(plain_config(**sections), batches)
+    config = plain_config(**sections, compile=True, compile_backend="aot_eager")
+    counters.clear()
+    state = _trained(config, batches)
+    metrics = evaluate(state.evaluated(), ListLoader(batches), CPU, config)
+    ema_metrics = evaluate(state.evaluated(ema=True), ListLoader(batches), CPU, config)
+
+    assert counters["stats"]["unique_graphs"] >= 2  # the training and the evaluation forward were compiled
+    assert all(key.startswith("_orig_mod.") for key in state.ddp.state_dict())  # what a checkpoint must not hold
+    assert all(key.startswith("_orig_mod.") for key in state.evaluated(ema=True).state_dict())
+    initial = build_model(config).state_dict()  # _setup seeds the same initial weights
+    assert not torch.equal(state.model.state_dict()["head.weight"], initial["head.weight"])
+    for (name, a), b in zip(eager.model.state_dict().items(), state.model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name  # the compiled wrapper trained the plain module's parameters
+    assert metrics == pytest.approx(evaluate(eager.model, ListLoader(batches), CPU, config), rel=1e-5)
+    assert ema_metrics == pytest.approx(evaluate(eager.ema.module, ListLoader(batches), CPU, config), rel=1e-5)
+
+    path = save_checkpoint(tmp_path / checkpoint_dir_name(1), state.to_dict(config, metrics, None))
+    saved = torch.load(path, weights_only=True)
+    for weights in (saved["model"], saved["ema"]):
+        assert weights.keys() == initial.keys()
+        build_model(config).load_state_dict(weights, strict=True)
+    restored = _setup(config, CPU)  # resuming a compiled run
+    restored.updates_per_epoch = 3
+    restored.scheduler = _scheduler(config, restored.optimizer, updates_per_epoch=3)
+    restored.load(load_checkpoint(path.parent))
+    images = batches[0][0]
+    with torch.no_grad():
+        assert torch.allclose(restored.evaluated()(images), state.model.eval()(images), atol=1e-6)
+        assert torch.allclose(load_model(path.parent)(images), state.model(images), atol=1e-6)
+
+
 def test_state_dicts_of_compiled_or_ddp_wrapped_models_load(tmp_path):
     config = plain_config(data={"img_size": 16}, model={"kwargs": {"depth": 1, "embed_dim": 32}})
     state = _trained(config, [(torch.randn(4, 1, 16, 16), torch.randint(0, 5, (4,)))])
@@ -372,6 +415,36 @@ def test_non_finite_loss_fails_the_run_with_a_clear_status(tiny_config):
         train(config)
     _, run = _run(config)
     assert run.info.status == "FAILED" and run.data.tags[tracking.TAG_STATUS].startswith("non_finite_loss")
+
+
+def test_a_compiled_run_checkpoints_the_plain_model(tiny_config, tmp_path, monkeypatch):
+    """The whole loop with compile on: the checkpoint holds the plain model's names, and the run's end loads
+    the final weights from the plain EMA module into a fresh model (strictly)."""
+    import pipeline.train.loop as loop
+    from torch._dynamo.utils import counters
+
+    from pipeline.train.build import build_model
+
+    saved = []
+
+    def keep_a_copy(directory, state):  # local mode keeps no checkpoints: take the one the loop writes
+        saved.append(save_checkpoint(tmp_path / "kept" / checkpoint_dir_name(len(saved) + 1), state))
+        return save_checkpoint(directory, state)
+
+    monkeypatch.setattr(loop, "save_checkpoint", keep_a_copy)
+    config = tiny_config(compile=True, compile_backend="aot_eager", optim__epochs=1, scaling__num_workers=0,
+                         optim__ema=True, checkpoint__metric="val_ema/top1", mlflow__log_model=False)  # fmt: skip
+    counters.clear()
+    summary = train(config)
+    _, run = _run(config)
+    assert summary["status"] == "finished" and run.info.status == "FINISHED"
+    assert counters["stats"]["unique_graphs"] >= 2  # training and evaluation ran compiled
+    assert 0.0 <= run.data.metrics["val_ema/top1"] <= 100.0
+    (path,) = saved
+    state = torch.load(path, weights_only=True)
+    for weights in (state["model"], state["ema"]):
+        assert not any("_orig_mod" in key for key in weights)
+        build_model(config).load_state_dict(weights, strict=True)
 
 
 def test_a_run_repeats_exactly_under_the_same_seed(tiny_config):

@@ -229,6 +229,10 @@ class TrainConfig:
     ray_address: str | None = None  # None: RAY_ADDRESS if set, else a local Ray with CPU workers
     optim: OptimConfig = field(default_factory=OptimConfig)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # torch.compile of the training and evaluation forward; checkpoints and exports keep the plain model.
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
+    compile_backend: Literal["inductor", "aot_eager", "eager", "cudagraphs"] = "inductor"  # aot_eager: quick, for tests
     method: MethodConfig = field(default_factory=MethodConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -244,6 +248,9 @@ class TrainConfig:
         _check_positive("log_every", self.log_every)
         if self.precision == "fp16" and not self.scaling.use_gpu:
             raise ConfigError("precision: fp16 needs scaling.use_gpu (on CPU use fp32 or bf16)")
+        if self.compile_mode not in (None, "default") and self.compile_backend != "inductor":
+            raise ConfigError(f"compile_mode: {self.compile_mode!r} is an inductor mode; compile_backend is "
+                              f"{self.compile_backend!r}")  # fmt: skip
         if self.checkpoint.metric.startswith("val_ema/") and not self.optim.ema:
             raise ConfigError(f"checkpoint.metric {self.checkpoint.metric!r} needs optim.ema: true")
 

@@ -93,8 +93,10 @@ def _format_eta(seconds: float) -> str:
 
 @dataclass
 class State:
-    model: nn.Module  # unwrapped
-    ddp: nn.Module  # DDP-wrapped when distributed, else the model itself
+    # The plain module: checkpoints, EMA, clipping and Castling's hooks read it, so no `module.` or
+    # `_orig_mod.` prefix reaches a state dict. The wrappers below share its parameters.
+    model: nn.Module
+    ddp: nn.Module  # the training forward: DDP-wrapped when distributed, then compiled with `compile`
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: torch.amp.GradScaler
@@ -102,6 +104,14 @@ class State:
     updates_per_epoch: int = 0
     epochs_done: int = 0
     global_step: int = 0
+    eval_model: nn.Module | None = None  # the evaluation forward (compiled with `compile`); None: model
+    eval_ema: nn.Module | None = None  # the same for the EMA weights; None: ema.module
+
+    def evaluated(self, ema: bool = False) -> nn.Module:
+        """The module that evaluation calls for the model or its EMA."""
+        if ema:
+            return self.ema.module if self.eval_ema is None else self.eval_ema
+        return self.model if self.eval_model is None else self.eval_model
 
     def to_dict(self, config: TrainConfig, metrics: dict[str, float], run_id: str | None) -> dict[str, Any]:
         return {
@@ -364,6 +374,13 @@ def train_one_epoch(
 # The loop Ray Train runs.
 
 
+def _compiled(module: nn.Module, config: TrainConfig) -> nn.Module:
+    """``module`` under ``torch.compile`` when the config asks for it (parameters shared), else ``module``."""
+    if not config.compile:
+        return module
+    return torch.compile(module, backend=config.compile_backend, mode=config.compile_mode)
+
+
 def _setup(config: TrainConfig, d: Dist) -> State:
     from timm.optim import create_optimizer_v2
     from timm.utils import ModelEmaV3
@@ -376,12 +393,17 @@ def _setup(config: TrainConfig, d: Dist) -> State:
             model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
             find_unused_parameters=config.scaling.find_unused_parameters,
         )  # fmt: skip
+    # Compiled after DDP wraps it, as PyTorch advises: DDPOptimizer then splits the graph at DDP's bucket
+    # boundaries, so each bucket's all-reduce overlaps the rest of the backward.
+    ddp = _compiled(ddp, config)
     opt = config.optim
     optimizer = create_optimizer_v2(model, opt=opt.optimizer, lr=opt.lr, weight_decay=opt.weight_decay,
                                     momentum=opt.momentum, **opt.opt_kwargs)  # fmt: skip
+    ema = ModelEmaV3(model, decay=opt.ema_decay) if opt.ema else None
     return State(model=model, ddp=ddp, optimizer=optimizer, scheduler=None,
                  scaler=torch.amp.GradScaler(d.device.type, enabled=config.effective_precision == "fp16"),
-                 ema=ModelEmaV3(model, decay=opt.ema_decay) if opt.ema else None)  # fmt: skip
+                 ema=ema, eval_model=_compiled(model, config),
+                 eval_ema=None if ema is None else _compiled(ema.module, config))  # fmt: skip
 
 
 def _scheduler(config: TrainConfig, optimizer, updates_per_epoch: int):
@@ -443,8 +465,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             logger.tags({"vitpipe.resumed_from_epoch": str(state.epochs_done)})
         if d.rank == 0:
             where = f"resuming after epoch {state.epochs_done}" if checkpoint is not None else "starting"
+            compiled = f", torch.compile ({config.compile_backend}): the first steps compile" if config.compile else ""
             _progress(f"{where}: {config.model.name}, {d.world_size} worker(s) on {device.type}, "
-                      f"{len(train_loader)} steps/epoch of {config.data.batch_size} per worker")  # fmt: skip
+                      f"{len(train_loader)} steps/epoch of {config.data.batch_size} per worker{compiled}")  # fmt: skip
         result = _train_epochs(state, config, d, train_loader, val_loader, logger, castling)
         if result["status"] != "finished":
             if logger is not None:
@@ -480,9 +503,10 @@ def _train_epochs(state: State, config: TrainConfig, d: Dist, train_loader, val_
         if config.data.skip_corrupt:
             metrics["data/skipped_corrupt"] = epoch_result.skipped
         val_start = time.perf_counter()
-        metrics.update({f"val/{k}": v for k, v in evaluate(state.model, val_loader, d, config).items()})
+        metrics.update({f"val/{k}": v for k, v in evaluate(state.evaluated(), val_loader, d, config).items()})
         if state.ema is not None:
-            metrics.update({f"val_ema/{k}": v for k, v in evaluate(state.ema.module, val_loader, d, config).items()})
+            metrics.update({f"val_ema/{k}": v for k, v in evaluate(state.evaluated(ema=True), val_loader, d,
+                                                                   config).items()})  # fmt: skip
         metrics["val/time_s"] = time.perf_counter() - val_start
         if castling:
             from pipeline.models.layers.castling import mask_densities, mask_reg_weight
