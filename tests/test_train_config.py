@@ -35,7 +35,7 @@ def error_of(data: dict) -> str:
 def test_defaults_fill_a_minimal_config_and_survive_a_round_trip():
     config = TrainConfig.from_dict(MINIMAL)
     assert config.optim.optimizer == "adamw" and config.scaling.num_workers == 2
-    assert not config.compile and config.compile_backend == "inductor"
+    assert not config.compile and config.compile_backend == "inductor" and not config.channels_last
     assert config.run_dir == "runs/vitpipe"
     assert TrainConfig.from_dict(yaml.safe_load(yaml.safe_dump(config.to_dict()))) == config
 
@@ -63,6 +63,7 @@ def test_defaults_fill_a_minimal_config_and_survive_a_round_trip():
         ({"compile_backend": "tvm"}, "compile_backend: expected one of 'inductor', 'aot_eager'"),
         ({"compile": True, "compile_mode": "max-autotune", "compile_backend": "aot_eager"},
          "compile_mode: 'max-autotune' is an inductor mode; compile_backend is 'aot_eager'"),
+        ({"channels_last": 1}, "channels_last: expected true/false, got 1"),
     ],
 )
 def test_errors_name_the_field(change, message):

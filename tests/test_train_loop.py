@@ -30,6 +30,8 @@ from pipeline.train.loop import (
     Dist,
     InjectedFault,
     State,
+    _memory_format,
+    _optimizer,
     _scheduler,
     _setup,
     _train_loss,
@@ -354,6 +356,55 @@ def test_state_dicts_of_compiled_or_ddp_wrapped_models_load(tmp_path):
     # A submodule that happens to be called `module` keeps its name when other keys lack the prefix.
     named = nn.ModuleDict({"module": nn.Linear(2, 2), "head": nn.Linear(2, 2)}).state_dict()
     assert strip_wrapper_prefixes(named) is named
+
+
+def test_fused_adamw_and_channels_last_only_on_cuda():
+    model = nn.Linear(4, 2)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # no GPU needed: fused AdamW also builds on CPU tensors
+    assert _optimizer(plain_config(), model, cuda).defaults["fused"] is True
+    assert _optimizer(plain_config(optim={"optimizer": "adam"}), model, cuda).defaults["fused"] is True
+    assert _optimizer(plain_config(optim={"optimizer": "lookahead_adamw"}), model, cuda).defaults["fused"] is True
+    assert not _optimizer(plain_config(), model, cpu).defaults["fused"]
+    assert not _optimizer(plain_config(optim={"optimizer": "sgd"}), model, cuda).defaults.get("fused")
+    assert not _optimizer(plain_config(optim={"opt_kwargs": {"fused": False}}), model, cuda).defaults["fused"]
+    assert not _optimizer(plain_config(optim={"opt_kwargs": {"foreach": True}}), model, cuda).defaults["fused"]
+
+    assert _memory_format(plain_config(channels_last=True), cuda) == torch.channels_last
+    assert _memory_format(plain_config(channels_last=True), cpu) == torch.preserve_format
+    assert _memory_format(plain_config(), cuda) == torch.preserve_format
+
+
+NANO_FAMILIES = ["vit_msa_nano", "hier_msa_nano", "vit_lsla_nano", "castling_vit_nano", "dvt_vit_nano"]
+
+
+@pytest.mark.parametrize("name", NANO_FAMILIES)
+def test_channels_last_trains_and_evaluates_like_the_default_layout(name, monkeypatch):
+    """What ``channels_last: true`` does on a GPU, here on CPU: NHWC images and conv weights, same numbers."""
+    import pipeline.train.loop as loop
+
+    config = plain_config(model={"name": name}, data={"img_size": 32, "in_chans": 3},
+                          optim={"optimizer": "sgd", "scheduler": "step"})  # fmt: skip
+    torch.manual_seed(5)
+    batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,)))]
+    runs = {}
+    for layout in ("default", "channels_last"):
+        if layout == "channels_last":
+            monkeypatch.setattr(loop, "_memory_format", lambda config, device: torch.channels_last)
+        state = _setup(config, CPU)
+        state.scheduler = _scheduler(config, state.optimizer, updates_per_epoch=1)
+        seen = []
+        state.model.register_forward_pre_hook(
+            lambda module, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+        train_one_epoch(state, ListLoader(batches), CPU, config, epoch=0, castling=False)
+        metrics = evaluate(state.model, ListLoader(batches), CPU, config)
+        runs[layout] = state, seen, metrics
+    (dense, dense_seen, dense_metrics), (nhwc, nhwc_seen, nhwc_metrics) = runs["default"], runs["channels_last"]
+    assert dense_seen == [False, False] and nhwc_seen == [True, True]  # one training, one evaluation batch
+    convs = [p for p in nhwc.model.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    for (key, a), b in zip(dense.model.state_dict().items(), nhwc.model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), key
+    assert nhwc_metrics == pytest.approx(dense_metrics, rel=1e-4, abs=1e-4)
 
 
 # ------------------------------------------------------------------------------------------ in-process runs

@@ -233,6 +233,9 @@ class TrainConfig:
     compile: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
     compile_backend: Literal["inductor", "aot_eager", "eager", "cudagraphs"] = "inductor"  # aot_eager: quick, for tests
+    # NHWC images and conv weights on GPU (ignored on CPU): for conv-heavy models run eagerly; inductor
+    # picks conv layouts itself, and a ViT has a single conv.
+    channels_last: bool = False
     method: MethodConfig = field(default_factory=MethodConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

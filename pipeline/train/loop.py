@@ -147,6 +147,11 @@ class State:
         self.scheduler.step_update(self.global_step)
 
 
+def _memory_format(config: TrainConfig, device: torch.device) -> torch.memory_format:
+    """channels_last (NHWC) for images and conv weights on GPU when configured; the tensors' own layout otherwise."""
+    return torch.channels_last if config.channels_last and device.type == "cuda" else torch.preserve_format
+
+
 def _autocast(config: TrainConfig, device: torch.device):
     precision = config.effective_precision
     if precision == "fp32":
@@ -200,8 +205,10 @@ def evaluate(model: nn.Module, loader, d: Dist, config: TrainConfig) -> dict[str
     model.eval()
     sums = None  # [loss, samples, top1, top5, exit top-1 ...]
     k = min(5, config.data.num_classes)
+    memory_format = _memory_format(config, d.device)
     for images, labels in loader:
-        images, labels = images.to(d.device, non_blocking=True), labels.to(d.device, non_blocking=True)
+        images = images.to(d.device, non_blocking=True, memory_format=memory_format)
+        labels = labels.to(d.device, non_blocking=True)
         with _autocast(config, d.device):
             outputs = model(images)
         exits = [o.float() for o in (outputs if isinstance(outputs, (list, tuple)) else [outputs])]
@@ -299,6 +306,7 @@ def train_one_epoch(
     cpu_start = time.process_time()
     window_updates = 0
     fault = config.fault_injection
+    memory_format = _memory_format(config, d.device)
 
     state.optimizer.zero_grad(set_to_none=True)
     for i, (images, labels) in enumerate(loader):
@@ -309,7 +317,8 @@ def train_one_epoch(
             if fault_marker is None or write_marker(fault_marker):
                 raise InjectedFault(f"injected fault: rank {d.rank} at global step {state.global_step}")
 
-        images, labels = images.to(d.device, non_blocking=True), labels.to(d.device, non_blocking=True)
+        images = images.to(d.device, non_blocking=True, memory_format=memory_format)
+        labels = labels.to(d.device, non_blocking=True)
         # Train batches hold label -1 only for corrupt samples skipped by the reader (skip_corrupt).
         valid = (labels != IGNORE_LABEL) if config.data.skip_corrupt else None
         target = labels.clamp(min=0) if valid is not None else labels
@@ -381,26 +390,48 @@ def _compiled(module: nn.Module, config: TrainConfig) -> nn.Module:
     return torch.compile(module, backend=config.compile_backend, mode=config.compile_mode)
 
 
+# torch.optim classes with a fused (single multi-tensor kernel) CUDA step that timm hands kwargs to.
+_FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)
+
+
+def _optimizer(config: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """timm's optimizer for the config; AdamW/Adam take their fused step on CUDA unless opt_kwargs choose."""
+    from timm.optim import create_optimizer_v2, get_optimizer_class
+
+    opt = config.optim
+    kwargs = dict(opt.opt_kwargs)
+    if device.type == "cuda" and "fused" not in kwargs and not kwargs.get("foreach"):
+        name = opt.optimizer.lower().split("_")[-1]  # as timm reads it: "lookahead_adamw" is AdamW inside
+        try:
+            fusable = get_optimizer_class(name, bind_defaults=False) in _FUSED_OPTIMIZERS
+        except ValueError:  # an unknown name: create_optimizer_v2 says so below
+            fusable = False
+        if fusable:
+            kwargs["fused"] = True
+    return create_optimizer_v2(model, opt=opt.optimizer, lr=opt.lr, weight_decay=opt.weight_decay,
+                               momentum=opt.momentum, **kwargs)  # fmt: skip
+
+
 def _setup(config: TrainConfig, d: Dist) -> State:
-    from timm.optim import create_optimizer_v2
     from timm.utils import ModelEmaV3
 
     torch.manual_seed(config.optim.seed)  # identical initial weights on every rank
     model = build_model(config).to(d.device)
+    if _memory_format(config, d.device) == torch.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     ddp = model
     if d.active:
         ddp = nn.parallel.DistributedDataParallel(
             model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
             find_unused_parameters=config.scaling.find_unused_parameters,
+            gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: no copy, less memory
         )  # fmt: skip
     # Compiled after DDP wraps it, as PyTorch advises: DDPOptimizer then splits the graph at DDP's bucket
     # boundaries, so each bucket's all-reduce overlaps the rest of the backward.
     ddp = _compiled(ddp, config)
     opt = config.optim
-    optimizer = create_optimizer_v2(model, opt=opt.optimizer, lr=opt.lr, weight_decay=opt.weight_decay,
-                                    momentum=opt.momentum, **opt.opt_kwargs)  # fmt: skip
     ema = ModelEmaV3(model, decay=opt.ema_decay) if opt.ema else None
-    return State(model=model, ddp=ddp, optimizer=optimizer, scheduler=None,
+    return State(model=model, ddp=ddp, optimizer=_optimizer(config, model, d.device), scheduler=None,
                  scaler=torch.amp.GradScaler(d.device.type, enabled=config.effective_precision == "fp16"),
                  ema=ema, eval_model=_compiled(model, config),
                  eval_ema=None if ema is None else _compiled(ema.module, config))  # fmt: skip
@@ -431,7 +462,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     context = ray.train.get_context()
     device = ray.train.torch.get_device() if config.scaling.use_gpu else torch.device("cpu")
     d = Dist(context.get_world_rank(), context.get_world_size(), device)
-    if device.type == "cuda":
+    if device.type == "cuda":  # TF32 tensor cores for what autocast leaves in fp32 (and for precision: fp32)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     else:  # as many threads as CPUs reserved: oversubscribed OpenMP threads spin and stall everyone
