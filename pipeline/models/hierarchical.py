@@ -28,14 +28,10 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.swin_transformer import PatchMerging, window_partition, window_reverse
 from torch import nn
 
-from .layers.inplace import GELU
 from .layers.lsla import WindowLSLA
-from .layers.window_msa import WindowMSA, permute_along
+from .layers.window_msa import WindowMSA
 
-__all__ = [
-    "HierarchicalViT", "ConvStem", "window_attention_class", "window_region_ids", "shifted_window_order",
-    "create_hierarchical",
-]  # fmt: skip
+__all__ = ["HierarchicalViT", "ConvStem", "window_attention_class", "window_region_ids", "create_hierarchical"]
 
 
 def window_attention_class(name: str) -> type[nn.Module]:
@@ -57,7 +53,7 @@ def window_region_ids(
     """``(num_windows, N)`` long region ids of a feature map cut into windows, or ``None`` if no mask is needed.
 
     The map is cyclically shifted by ``-shift_size`` and zero-padded at the end to whole windows (as the
-    block does). A token may attend to those of its window with the same id: the rows (columns) that the
+    block does). Built on the CPU (kinds derive host-side facts from them); the block moves them. A token may attend to those of its window with the same id: the rows (columns) that the
     roll wrapped around from the top (left) form their own region, as in Swin's mask; padding is region 4.
     """
     H, W = resolution
@@ -65,28 +61,13 @@ def window_region_ids(
     Hp, Wp = math.ceil(H / wh) * wh, math.ceil(W / ww) * ww
     if not any(shift_size) and (Hp, Wp) == (H, W):
         return None
-    rows, cols = torch.arange(Hp), torch.arange(Wp)
+    rows, cols = torch.arange(Hp, device="cpu"), torch.arange(Wp, device="cpu")  # host data, even on a meta model
     wrapped_row = (rows >= H - shift_size[0]).long()  # after the roll, rows H-s..H-1 came from the top
     wrapped_col = (cols >= W - shift_size[1]).long()
     ids = 2 * wrapped_row[:, None] + wrapped_col[None, :]
     ids[H:, :] = 4
     ids[:, W:] = 4
     return ids.view(Hp // wh, wh, Wp // ww, ww).permute(0, 2, 1, 3).reshape(-1, wh * ww)
-
-
-def shifted_window_order(
-    resolution: tuple[int, int], window_size: tuple[int, int], shift_size: tuple[int, int]
-) -> torch.Tensor | None:
-    """``(H * W,)`` long: the flat ``(H, W)`` token index at each place of the shifted map's windows, in order.
-
-    ``x.flatten(1, 2)[:, order]`` is ``window_partition(roll(x, -shift_size))`` in one gather instead of three
-    copies (``torch.roll`` over two dims copies twice). ``None`` when not shifted or when the map is padded.
-    """
-    (H, W), (wh, ww) = resolution, window_size
-    if not any(shift_size) or H % wh or W % ww:
-        return None
-    index = torch.roll(torch.arange(H * W).view(1, H, W, 1), shifts=(-shift_size[0], -shift_size[1]), dims=(1, 2))
-    return window_partition(index, window_size).reshape(-1)
 
 
 class ConvStem(nn.Module):
@@ -101,18 +82,13 @@ class ConvStem(nn.Module):
         hidden_dim = hidden_dim or dim // 2
         self.conv1 = nn.Conv2d(in_chans, hidden_dim, kernel_size=3, stride=2, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(hidden_dim)
-        self.act = GELU()  # in place in eager inference: its input is the BatchNorm's fresh output
+        self.act = nn.GELU()
         self.conv2 = nn.Conv2d(hidden_dim, dim, kernel_size=3, stride=2, padding=1)
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Channels-last throughout (same values): the (B, H, W, C) output is then a free view, and
-        # oneDNN's backward of conv2 needs no layout copies (one thread, 224x224, batch 4: stem train
-        # step ~88 -> ~82 ms, inference ~21 -> ~18 ms).
-        x = self.bn(self.conv1(x.contiguous(memory_format=torch.channels_last)))
-        # GELU on the dense NHWC view: torch's kernel is ~1.7x slower on a channels-last NCHW tensor
-        x = self.act(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return self.norm(self.conv2(x).permute(0, 2, 3, 1))
+        x = self.conv2(self.act(self.bn(self.conv1(x))))
+        return self.norm(x.permute(0, 2, 3, 1))  # a free view when the input is channels_last
 
 
 class HierarchicalBlock(nn.Module):
@@ -143,7 +119,7 @@ class HierarchicalBlock(nn.Module):
         )  # fmt: skip
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=GELU, drop=proj_drop)
+        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         region_ids = window_region_ids(resolution, window_size, shift_size)
         # a kind that can bind them keeps the ids and the masks made from them (buffers, built once);
@@ -153,9 +129,7 @@ class HierarchicalBlock(nn.Module):
             bind(region_ids)
             region_ids = None
         self.register_buffer("own_region_ids", region_ids, persistent=False)
-        order = shifted_window_order(resolution, window_size, shift_size)
-        self.register_buffer("window_order", order, persistent=False)
-        self.register_buffer("window_order_inverse", None if order is None else order.argsort(), persistent=False)
+        self.to(torch.get_default_device())  # the region buffers, built on the CPU, go where the parameters are
 
     @property
     def region_ids(self) -> torch.Tensor | None:
@@ -163,18 +137,10 @@ class HierarchicalBlock(nn.Module):
         return self.own_region_ids if self.own_region_ids is not None else getattr(self.attn, "region_ids", None)
 
     def _window_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Roll, pad, partition, attend, reverse, crop, roll back: Swin's shifted windows."""
         B, H, W, C = x.shape
         (wh, ww), (sh, sw) = self.window_size, self.shift_size
         pad_h, pad_w = -H % wh, -W % ww
-        forward_map = getattr(self.attn, "forward_map", None)
-        if forward_map is not None and not (pad_h or pad_w) and getattr(self.attn, "num_heads", 1) > 1:
-            # the kind partitions and reverses while it splits and merges heads (order and ids None: unshifted)
-            return forward_map(x, self.window_order, self.window_order_inverse, self.region_ids)
-        if self.window_order is not None:  # shifted, unpadded: one gather each way (see shifted_window_order)
-            order, inverse = self.window_order, self.window_order_inverse
-            windows = permute_along(x.reshape(B, H * W, C), 1, order, inverse)
-            windows = self.attn(windows.view(-1, wh * ww, C), self.region_ids)
-            return permute_along(windows.view(B, H * W, C), 1, inverse, order).view(B, H, W, C)
         if sh or sw:
             x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
         if pad_h or pad_w:
@@ -187,18 +153,9 @@ class HierarchicalBlock(nn.Module):
             x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))
         return x
 
-    @staticmethod
-    def _residual(x: torch.Tensor, y: torch.Tensor, drop_path: nn.Module) -> torch.Tensor:
-        """``x + drop_path(y)``; while DropPath is active, one fused pass instead of a multiply and an add."""
-        if isinstance(drop_path, DropPath) and drop_path.training and drop_path.drop_prob > 0:
-            # DropPath of ones is its per-sample factor: the same draw from the same generator
-            factor = drop_path(y.new_ones((y.shape[0],) + (1,) * (y.ndim - 1)))
-            return torch.addcmul(x, y, factor)
-        return x + drop_path(y)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._residual(x, self._window_attention(self.norm1(x)), self.drop_path1)
-        return self._residual(x, self.mlp(self.norm2(x)), self.drop_path2)
+        x = x + self.drop_path1(self._window_attention(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
 
     def extra_repr(self) -> str:
         return f"resolution={self.resolution}, window_size={self.window_size}, shift_size={self.shift_size}"

@@ -22,7 +22,6 @@ from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
 from timm.models import register_model
 from torch import Tensor, nn
 
-from .layers.inplace import GELU
 
 __all__ = ["Attention", "Block", "VisionTransformer", "global_attention_class", "create_vit"]
 
@@ -112,7 +111,7 @@ class Block(nn.Module):
         drop_path: float = 0.0,
         context_dim: int = 0,
         norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
-        act_layer: type[nn.Module] = GELU,
+        act_layer: type[nn.Module] = nn.GELU,
         proj_drop: float = 0.0,
         attn_drop: float = 0.0,
     ) -> None:
@@ -188,7 +187,7 @@ class VisionTransformer(nn.Module):
         context_dim: int = 0,
         global_pool: str = "token",
         norm_layer: Callable[[int], nn.Module] | None = None,
-        act_layer: type[nn.Module] = GELU,
+        act_layer: type[nn.Module] = nn.GELU,
     ) -> None:
         super().__init__()
         if global_pool not in ("token", "avg"):

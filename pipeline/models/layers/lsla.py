@@ -39,9 +39,8 @@ from numbers import Real
 import torch
 from timm.layers import to_2tuple, trunc_normal_
 from torch import nn
-from torch.autograd.function import once_differentiable
 
-from .window_msa import BoundRegions, check_heads, check_windows, permute_along, relative_position_index
+from .window_msa import BoundRegions, check_heads, check_windows, relative_position_index
 
 __all__ = ["WindowLSLA", "GlobalLSLA", "global_relative_position_index"]
 
@@ -82,105 +81,6 @@ def global_relative_position_index(grid_size: tuple[int, int], num_prefix_tokens
     index[P:, :P] = num_grid + 1  # query is a patch, key a prefix token
     index[:P, :P] = num_grid + 2
     return index, num_grid + 3
-
-
-def _limited_softmax_forward(scores, ds, inner, outer) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A, A')``: ``A = softmax(S ⊙ DS + B_i)`` and ``A' = A + B_o`` (``A`` itself without ``B_o``)."""
-    logits = torch.addcmul(inner, scores, ds) if ds is not None else scores + inner  # one fused pass
-    probs = logits.softmax(dim=-1)
-    return probs, probs + outer if outer is not None else probs
-
-
-def _shares_memory(a: torch.Tensor | None, b: torch.Tensor) -> bool:
-    return a is not None and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-
-
-def _limited_softmax_backward(ctx, grad, scores, ds, probs, needs, grad_is_scratch=False):
-    """Gradients for ``S``, ``DS``, ``B_i``, ``B_o`` (``None`` where ``needs`` is false); see ``_LimitedSoftmax``.
-
-    ``grad_is_scratch``: ``grad`` is the caller's own tensor, dead after the softmax backward, so ``g ⊙ DS``
-    can be written into it (a warm buffer instead of a fresh ``(B, heads, N, N)`` one).
-    """
-    need_scores, need_ds, need_inner, need_outer = needs
-    g_outer = grad.sum_to_size(ctx.outer_shape) if need_outer else None
-    g_logits = torch.ops.aten._softmax_backward_data(grad, probs, -1, probs.dtype)
-    g_inner = g_logits.sum_to_size(ctx.inner_shape) if need_inner else None
-    g_scores = None
-    if need_scores:
-        if ds is None:
-            g_scores = g_logits
-        elif grad_is_scratch and grad.is_contiguous() and not _shares_memory(g_outer, grad):
-            g_scores = torch.mul(g_logits, ds, out=grad)
-        else:
-            g_scores = g_logits * ds
-    g_ds = None
-    if need_ds:
-        # g_logits is read for the last time: its buffer can take g ⊙ S (one (B, heads, N, N) tensor
-        # fewer), unless g_inner is g_logits itself (B_i as large as the scores: nothing to sum)
-        product = g_logits * scores if g_inner is g_logits else g_logits.mul_(scores)
-        g_ds = product.sum_to_size(ds.shape)
-    return g_scores, g_ds, g_inner, g_outer
-
-
-class _LimitedSoftmax(torch.autograd.Function):
-    """``A' = softmax(S ⊙ DS + B_i) + B_o`` for training, with a hand-written backward.
-
-    Autograd's ``addcmul`` backward multiplies the incoming gradient by the (unit) scalar before
-    multiplying by ``DS``: one extra pass over ``(B, heads, N, N)`` (forward + backward of this step
-    12.8 -> 11.8 ms at Swin-T's first stage, batch 4, one thread). Here: softmax backward, then
-    ``g ⊙ DS`` for ``S``, batch sums of ``g ⊙ S``, ``g`` and the incoming gradient for ``DS``, ``B_i`` and
-    ``B_o``. ``ds`` and ``outer`` may be ``None``; the tables broadcast against ``scores``.
-    """
-
-    @staticmethod
-    def forward(ctx, scores, ds, inner, outer):
-        probs, attn = _limited_softmax_forward(scores, ds, inner, outer)
-        ctx.save_for_backward(scores if ds is not None else None, ds, probs)
-        ctx.inner_shape, ctx.outer_shape = inner.shape, None if outer is None else outer.shape
-        return attn
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        scores, ds, probs = ctx.saved_tensors
-        return _limited_softmax_backward(ctx, grad, scores, ds, probs, ctx.needs_input_grad)
-
-
-class _LimitedAttention(torch.autograd.Function):
-    """LSA's core for training: ``A' X`` with ``A' = softmax((Q Xᵀ) ⊙ DS + B_i) + B_o``, keys and values ``X``.
-
-    ``q`` and ``x`` are ``(B * heads, N, d)``; the tables broadcast against the scores viewed as
-    ``scores_shape``. Keys and values being one tensor, autograd would add their two gradients in an
-    extra pass over ``(B * heads, N, d)``; here the second product accumulates into the first
-    (``baddbmm``). The limited softmax's backward is ``_LimitedSoftmax``'s.
-    """
-
-    @staticmethod
-    def forward(ctx, q, x, ds, inner, outer, scores_shape):
-        scores = torch.bmm(q, x.transpose(1, 2)).view(scores_shape)
-        probs, attn = _limited_softmax_forward(scores, ds, inner, outer)
-        attn = attn.view(q.shape[0], q.shape[1], -1)
-        ctx.save_for_backward(q, x, scores if ds is not None else None, ds, probs, attn)
-        ctx.inner_shape, ctx.outer_shape = inner.shape, None if outer is None else outer.shape
-        return torch.bmm(attn, x)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        q, x, scores, ds, probs, attn = ctx.saved_tensors
-        need_q, need_x, need_ds, need_inner, need_outer, _ = ctx.needs_input_grad
-        g_attn = torch.bmm(grad, x.transpose(1, 2)).view(probs.shape)
-        g_x = torch.bmm(attn.transpose(1, 2), grad) if need_x else None
-        g_scores, g_ds, g_inner, g_outer = _limited_softmax_backward(
-            ctx, g_attn, scores, ds, probs, (need_q or need_x, need_ds, need_inner, need_outer), grad_is_scratch=True
-        )
-        g_q = None
-        if g_scores is not None:
-            g_scores = g_scores.view(attn.shape)
-            g_q = torch.bmm(g_scores, x) if need_q else None
-            if need_x:
-                g_x.baddbmm_(g_scores.transpose(1, 2), q)
-        return g_q, g_x, g_ds, g_inner, g_outer, None
 
 
 class _LightSelfLimitedAttention(nn.Module):
@@ -257,12 +157,9 @@ class _LightSelfLimitedAttention(nn.Module):
     def _tables(self) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """``DS``, ``B_i``, ``B_o`` gathered once per forward: ``(heads or 1, N, N)`` each, ``None`` if unused."""
         index = self.relative_position_index
-        shape = index.shape
 
         def gather(table: torch.Tensor) -> torch.Tensor:
-            # = table[:, index]; index_select is several times faster, and its backward is an index_add
-            # rather than advanced indexing's sort-based accumulating index_put
-            return table.index_select(1, index.view(-1)).view(-1, *shape)
+            return table[:, index]
 
         inner = gather(self.inner_bias_table)
         ds = None
@@ -288,49 +185,37 @@ class _LightSelfLimitedAttention(nn.Module):
             return t.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
 
         q = heads(self._queries(x))
-        if self.k is not None and self.v is not None:
-            return q, heads(self.k(x)), heads(self.v(x))
-        x_heads = heads(x).contiguous()  # one copy serves both products, instead of one inside each
-        k = heads(self.k(x)) if self.k is not None else x_heads
-        v = heads(self.v(x)) if self.v is not None else x_heads
+        k = heads(self.k(x)) if self.k is not None else heads(x)
+        v = heads(self.v(x)) if self.v is not None else heads(x)
         return q, k, v
 
-    def _limited_softmax(
+    def _weights(
         self,
-        scores: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
         ds: torch.Tensor | None,
         inner: torch.Tensor,
         outer: torch.Tensor | None,
         attn_bias: torch.Tensor | None = None,
-        keep_logits: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``A' = softmax(S ⊙ DS + B_i [+ attn_bias]) + B_o``; returns ``(A', logits)``. Tables broadcast.
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A', logits)``: ``logits = (Q Kᵀ) ⊙ DS + B_i [+ attn_bias]`` and ``A' = softmax(logits) + B_o``.
 
-        ``logits`` is ``None`` on the training path that does not keep them (no ``attn_bias``, no dropout):
-        callers that want the logits pass ``keep_logits=True``.
+        ``q`` and ``k`` are ``(..., N, d)``; the tables broadcast against the ``(..., N, N)`` scores. A fixed
+        scale is already on ``q``. The tables are float32 parameters, so under autocast the logits, the
+        softmax and ``A'`` are float32 whatever precision the matmul ran in.
         """
-        inplace = not torch.is_grad_enabled()  # inference: reuse buffers, each (B, heads, N, N) costs
-        dropout = self.training and self.attn_drop.p > 0
-        if not inplace and not keep_logits and attn_bias is None and not dropout:
-            return _LimitedSoftmax.apply(scores, ds, inner, outer), None
-        if inplace:
-            logits = torch.addcmul(inner, scores, ds, out=scores) if ds is not None else scores.add_(inner)
-            if attn_bias is not None:
-                logits.add_(attn_bias)
-        else:
-            logits = torch.addcmul(inner, scores, ds) if ds is not None else scores + inner  # one fused pass
-            if attn_bias is not None:
-                logits = logits + attn_bias
+        scores = q @ k.transpose(-2, -1)
+        logits = (scores * ds if ds is not None else scores) + inner
+        if attn_bias is not None:
+            logits = logits + attn_bias
         # dropout acts on the softmax weights only, so B_o is never rescaled at random [ours]
         attn = self.attn_drop(logits.softmax(dim=-1))
-        if outer is not None:
-            attn = attn.add_(outer) if inplace else attn + outer
-        return attn, logits
+        return (attn + outer if outer is not None else attn), logits
 
-    def _output(self, attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        B, _, N, _ = v.shape
-        x = (attn @ v).transpose(1, 2).reshape(B, N, self.dim)
-        return self.proj_drop(self.proj(x))
+    def _output(self, out: torch.Tensor) -> torch.Tensor:
+        """Heads ``(B, heads, N, d)`` merged and projected: ``(B, N, C)``."""
+        B, _, N, _ = out.shape
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, self.dim)))
 
     def extra_repr(self) -> str:
         return (
@@ -380,115 +265,30 @@ class WindowLSLA(BoundRegions, _LightSelfLimitedAttention):
         """``A' = A + B_o`` for every window and head, ``(B * num_windows, heads, N, N)``."""
         return self._attention(x, region_ids)[0]
 
-    def _masked_tables(self, region_ids: torch.Tensor | None, num_windows: int):
-        """``DS``, ``B_i``, ``B_o`` with the region masks applied, and the scores' shape they broadcast against."""
+    def _masked_tables(self, region_ids: torch.Tensor | None):
+        """``DS``, ``B_i``, ``B_o`` with the region masks applied: ``(nW or 1, heads or 1, N, N)`` each, or None."""
         ds, inner, outer = self._tables()
-        N = self.window_area
         if region_ids is None:
-            return ds, inner, outer, (-1, self.num_heads, N, N)
+            return ds, inner, outer
         bias, keep = self.region_masks(region_ids, inner.dtype)  # (nW, 1, N, N) each
         inner = inner + bias  # -inf across regions: weight exactly 0 after the softmax
         if outer is not None:
             outer = outer * keep  # zero there, or B_o would leak the masked tokens back in
-        return ds, inner, outer, (-1, num_windows, self.num_heads, N, N)
+        return ds, inner, outer
 
     def _attention(self, x: torch.Tensor, region_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A'`` and the values, both ``(B * num_windows, heads, N, .)``."""
         num_windows = check_windows(x, self.window_area, region_ids)
         B_, N, _ = x.shape
         q, k, v = self._project(x)
-        ds, inner, outer, scores_shape = self._masked_tables(region_ids, num_windows)
-        attn, _ = self._limited_softmax((q @ k.transpose(-2, -1)).view(scores_shape), ds, inner, outer)
+        # windows of one image side by side, so that per-window masks broadcast over the images
+        q, k = (t.view(-1, num_windows, self.num_heads, N, self.head_dim) for t in (q, k))
+        attn, _ = self._weights(q, k, *self._masked_tables(region_ids))
         return attn.view(B_, self.num_heads, N, N), v
 
-    def _fused_core(self) -> bool:
-        """Training with keys and values X and no attention dropout: ``_LimitedAttention`` computes ``A' X``."""
-        return self.kv == "qxx" and torch.is_grad_enabled() and not (self.training and self.attn_drop.p > 0)
-
     def forward(self, x: torch.Tensor, region_ids: torch.Tensor | None = None) -> torch.Tensor:
-        if not self._fused_core():
-            attn, v = self._attention(x, region_ids)
-            return self._output(attn, v)
-        # training, keys and values X: the fused core (see _LimitedAttention)
-        num_windows = check_windows(x, self.window_area, region_ids)
-        B_, N, _ = x.shape
-        q, x_heads, _ = self._project(x)
-        ds, inner, outer, scores_shape = self._masked_tables(region_ids, num_windows)
-        out = _LimitedAttention.apply(
-            q.reshape(-1, N, self.head_dim), x_heads.view(-1, N, self.head_dim), ds, inner, outer, scores_shape
-        )
-        out = out.view(B_, self.num_heads, N, self.head_dim).transpose(1, 2).reshape(B_, N, self.dim)
-        return self.proj_drop(self.proj(out))
-
-    def forward_map(
-        self,
-        x: torch.Tensor,
-        window_order: torch.Tensor | None = None,
-        window_order_inverse: torch.Tensor | None = None,
-        region_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Windows of a ``(B, H, W, C)`` map, back on the map: ``window_reverse(self(window_partition(x)))``.
-
-        With several heads the tensors are copied anyway to split and merge the heads: here those copies
-        also partition and reverse the windows, two passes over the map fewer each way. Shifted windows:
-        ``window_order`` and its inverse (``shifted_window_order`` of the backbone) and the windows'
-        ``region_ids``; each copy is then one gather of ``d``-channel rows (``permute_along``). Unshifted ones
-        keep the permuting copy: a row gather is slower on small maps in large batches (vit_lsla_nano
-        at 32x32, batch 256: inference 1.17-1.18x hier_msa_nano with copies, 1.12-1.14x with gathers).
-        ``H`` and ``W`` must be multiples of the window (no padding).
-        """
-        B, H, W, C = x.shape
-        (wh, ww), N, h, d = self.window_size, self.window_area, self.num_heads, self.head_dim
-        if H % wh or W % ww or C != self.dim:
-            raise ValueError(
-                f"forward_map needs a (B, H, W, {self.dim}) map tiled by {self.window_size} windows, "
-                f"got {tuple(x.shape)}"
-            )
-        num_windows = (H // wh) * (W // ww)
-        if window_order is None:
-
-            def split(t: torch.Tensor) -> torch.Tensor:  # (B, H, W, C) -> (B * windows * heads, N, d), one copy
-                return t.view(B, H // wh, wh, W // ww, ww, h, d).permute(0, 1, 3, 5, 2, 4, 6).reshape(-1, N, d)
-
-            def merge(t: torch.Tensor) -> torch.Tensor:  # the inverse, one copy
-                t = t.view(B, H // wh, W // ww, h, wh, ww, d).permute(0, 1, 4, 2, 5, 3, 6)
-                return t.reshape(B, H, W, C)
-
-        else:  # shifted: one gather of d-channel rows each way
-            rows, back = _head_rows(window_order, window_order_inverse, B, h, N)
-
-            def split(t: torch.Tensor) -> torch.Tensor:
-                return permute_along(t.reshape(-1, d), 0, rows, back).view(-1, N, d)
-
-            def merge(t: torch.Tensor) -> torch.Tensor:
-                return permute_along(t.reshape(-1, d), 0, back, rows).view(B, H, W, C)
-
-        q = self._queries(x)
-        x_heads = split(x) if self.k is None or self.v is None else None
-        k = split(self.k(x)) if self.k is not None else x_heads
-        v = split(self.v(x)) if self.v is not None else x_heads
-        ds, inner, outer, scores_shape = self._masked_tables(region_ids, num_windows)
-        if self._fused_core():
-            out = _LimitedAttention.apply(split(q), x_heads, ds, inner, outer, scores_shape)
-        else:
-            attn, _ = self._limited_softmax(torch.bmm(split(q), k.transpose(1, 2)).view(scores_shape), ds, inner, outer)
-            out = torch.bmm(attn.view(-1, N, N), v)
-        return self.proj_drop(self.proj(merge(out)))
-
-
-def _head_rows(order: torch.Tensor, order_inverse: torch.Tensor, images: int, heads: int, window_area: int):
-    """Row indices into a ``(B * H * W * heads, d)`` view that split (shifted) windows and heads in one gather.
-
-    ``rows``: for each ``(image, window, head, place)`` the row holding it, ``order[window * N + place]`` being
-    the token. ``back``: for each ``(image, token, head)`` the row of the ``(B * windows * heads * N, d)``
-    result that holds it, for the way back.
-    """
-    N, tokens = window_area, order.numel()
-    image = torch.arange(images, device=order.device)
-    head = torch.arange(heads, device=order.device)
-    rows = (image.view(-1, 1, 1, 1) * tokens + order.view(1, -1, 1, N)) * heads + head.view(1, 1, -1, 1)
-    window, place = order_inverse // N, order_inverse % N
-    back = ((image.view(-1, 1, 1) * (tokens // N) + window.view(1, -1, 1)) * heads + head.view(1, 1, -1)) * N
-    return rows.reshape(-1), (back + place.view(1, -1, 1)).reshape(-1)
+        attn, v = self._attention(x, region_ids)
+        return self._output(attn @ v)
 
 
 class GlobalLSLA(_LightSelfLimitedAttention):
@@ -544,6 +344,5 @@ class GlobalLSLA(_LightSelfLimitedAttention):
                 f"= {self.num_tokens} tokens, got x of shape {tuple(x.shape)}"
             )
         q, k, v = self._project(x)
-        ds, inner, outer = self._tables()
-        attn, logits = self._limited_softmax(q @ k.transpose(-2, -1), ds, inner, outer, attn_bias, return_logits)
-        return self._output(attn, v), (logits if return_logits else None)
+        attn, logits = self._weights(q, k, *self._tables(), attn_bias=attn_bias)
+        return self._output(attn @ v), (logits if return_logits else None)
