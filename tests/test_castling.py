@@ -355,11 +355,11 @@ def test_regulariser_drives_mask_density_down_faster_with_larger_lambda():
 # ---------------------------------------------------------------- cost and export
 
 
-def _castling_macs_formula(tokens_side, C=192, depth=12, d=64, patch=16, classes=1000):
-    """castling_deit_tiny's MACs as the counter sees them: matmuls and convolutions. The depthwise conv
-    along the tokens (9 MACs per element) runs as element-wise multiply-adds, which it leaves out."""
+def _castling_macs_formula(tokens_side, C=192, depth=12, d=64, patch=16, classes=1000, kernel=9):
+    """castling_deit_tiny's MACs as the counter sees them: matmuls and convolutions."""
     N = 1 + tokens_side**2
-    per_block = 12 * N * C * C + 2 * N * C * d  # qkv + proj + MLP, then k̂ᵀv and q̂(k̂ᵀv)
+    # qkv + proj + MLP, then k̂ᵀv and q̂(k̂ᵀv), then the depthwise conv along the tokens (kernel taps per element of v)
+    per_block = 12 * N * C * C + 2 * N * C * d + kernel * N * C
     return tokens_side**2 * C * 3 * patch * patch + depth * per_block + C * classes
 
 

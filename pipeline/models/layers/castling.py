@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from timm.layers import to_2tuple
 from torch import Tensor, nn
 
-from .inplace import eager_without_autograd
-from .window_msa import check_heads, check_windows
+from .window_msa import check_heads, check_windows, cross_region_mask
 
 __all__ = [
     "CastlingAttention",
@@ -37,27 +36,19 @@ __all__ = [
     "mask_regularization",
     "mask_densities",
     "mask_reg_weight",
+    "window_regions",
 ]
 
 DWCONV_MODES = ("tokens", "grid")
-
-
-def _inv_norm(t: Tensor) -> Tensor:
-    """``1 / max(||t||, 1e-12)`` over the last axis, keepdim (F.normalize's convention)."""
-    return torch.linalg.vector_norm(t, dim=-1, keepdim=True).clamp_min(1e-12).reciprocal()
 
 
 class _LinearAngularAttention(nn.Module):
     """Projections, the attention core and the depthwise convolution shared by both contracts.
 
     ``dwconv="tokens"`` convolves each head's ``v`` along the token sequence (kernel ``k``, the
-    release); ``"grid"`` convolves it on the 2-D token grid (kernel ``k x k``) [ours]. Either way a head
-    has one kernel, shared by its ``d`` channels (``dwconv_weight``: ``(heads, k)`` or ``(heads, k, k)``).
-
-    Memory layout, for speed on CPU (the attention core is a few passes over memory, so passes and
-    temporaries are what it costs): q, k, v are copied once into head-major order, where the matmuls
-    and the conv along the tokens run without further copies; without autograd the core reuses the
-    q, k, v buffer for its intermediates.
+    release's ``Conv2d(heads, heads, (k, 1), groups=heads)`` on ``(B, heads, N, d)``); ``"grid"``
+    convolves it on the 2-D token grid (kernel ``k x k``) [ours]. Either way a head has one kernel,
+    shared by its ``d`` channels (``dwconv_weight``: ``(heads, k)`` or ``(heads, k, k)``).
     """
 
     has_logits = False  # the softmax branch is auxiliary and vanishes, so no logits are part of the interface
@@ -105,62 +96,50 @@ class _LinearAngularAttention(nn.Module):
         self.last_mask_density: Tensor | None = None  # share of P > eps, detached
 
     def split_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(B, N, C) -> q, k, v, each (B, heads, N, d), contiguous (one copy for all three)."""
+        """(B, N, C) -> q, k, v, each (B, heads, N, d)."""
         B, N, _ = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return qkv.contiguous().unbind(0)
+        return self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
     def angular(self, q: Tensor, k: Tensor, v: Tensor, regions: Tensor | None = None) -> Tensor:
-        """``2 (0.5 v + (1/pi) q̂ (k̂ᵀ v))``, not yet normalised (the factor 2 saves a pass; the
-        normalisation that follows removes it).
+        """``0.5 v + (1/pi) q̂ (k̂ᵀ v)``, right to left: ``k̂ᵀ v`` is d x d, so the cost is linear in n.
 
-        q, k, v: (..., h, n, d). ``regions``: None, or a (..., 1, n, R) one-hot of each token's region; a
+        q, k, v: (..., n, d). ``regions``: None, or a (..., 1, n, R) one-hot of each token's region; a
         token then attends only to its region: ``q̂_i S_r(i)`` with per-region sums ``S_r = Σ_{j in r} k̂_jᵀ v_j``,
-        stacked as an (R*d, d) matrix and gathered back through the one-hot (linear in n, R times the cost).
+        computed by placing ``q̂`` and ``k̂`` in their region's slot of an (n, R*d) matrix (R times the cost).
         """
-        kn = k * (_inv_norm(k) * (2 / math.pi))  # k̂, with 2/pi folded into the per-token scale
-        if regions is None:
-            y = q @ (kn.transpose(-2, -1) @ v)  # right to left: (d x n)(n x d) first
-        else:
-            *lead, n, d = q.shape
-            kr = (kn.unsqueeze(-2) * regions.unsqueeze(-1)).reshape(*lead, n, -1)  # k̂ in its region's slot
-            qr = (q.unsqueeze(-2) * regions.unsqueeze(-1)).reshape(*lead, n, -1)
-            y = qr @ (kr.transpose(-2, -1) @ v)
-        # q̂ (k̂ᵀ v) = (q (k̂ᵀ v)) / ||q||: scale the product's rows rather than normalising q first
-        return torch.addcmul(v, y, _inv_norm(q), out=y if eager_without_autograd() else None)
-
-    def sparse_attention(self, q: Tensor, k: Tensor, v: Tensor, regions: Tensor | None) -> Tensor:
-        """``Sparse · v`` with ``Sparse = P ⊙ 1[P > eps]``; records the mask statistics while training."""
-        logits = (q * self.scale) @ k.transpose(-2, -1)
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         if regions is not None:
-            same = (regions @ regions.transpose(-2, -1)) > 0  # (..., 1, n, n), every token meets itself
+            slots = regions.to(q.dtype).unsqueeze(-1)  # (..., 1, n, R, 1)
+            q, k = (q.unsqueeze(-2) * slots).flatten(-2), (k.unsqueeze(-2) * slots).flatten(-2)
+        return 0.5 * v + (q @ (k.transpose(-2, -1) @ v)) / math.pi
+
+    def sparse_attention(self, q: Tensor, k: Tensor, v: Tensor, same: Tensor | None = None) -> Tensor:
+        """``Sparse · v`` with ``Sparse = P ⊙ 1[P > eps]``; records the mask statistics while training.
+
+        ``same``: None, or a bool mask broadcasting against the (..., n, n) logits, False where a token may
+        not attend (another region).
+        """
+        logits = (q * self.scale) @ k.transpose(-2, -1)
+        if same is not None:
             logits = logits.masked_fill(~same, float("-inf"))
-        probs = logits.softmax(dim=-1)
+        probs = logits.float().softmax(dim=-1)  # float32 whatever the autocast dtype: eps is compared to it
         mask = probs > self.mask_eps
         sparse = probs * mask
         if self.training:
             self.last_mask_mean = sparse.mean()
             self.last_mask_density = mask.float().mean().detach()
-        return self.attn_drop(sparse) @ v
+        return self.attn_drop(sparse).to(v.dtype) @ v
 
-    def conv(self, v: Tensor, grid: tuple[int, int], num_prefix: int = 0, out: Tensor | None = None) -> Tensor:
+    def conv(self, v: Tensor, grid: tuple[int, int], num_prefix: int = 0) -> Tensor:
         """Depthwise conv of ``v`` (B, h, N, d), one kernel per head: (B, h, N, d).
 
-        ``"tokens"``: ``k`` shifted multiply-adds along N in v's own layout (written into ``out`` when
-        given): no layout copy, and steady, where oneDNN's depthwise conv1d took 0.5 to 6 ms for the same
-        tensor here. Being element-wise ops, the MAC counter does not see these ``k`` MACs per element
-        (0.4% of castling_deit_tiny). ``"grid"``: a 2-D conv on the token grid, channel-major; the first
-        ``num_prefix`` tokens have no place on the grid and get the kernel's centre tap alone.
+        ``"tokens"``: along N, zero-padded at both ends. ``"grid"``: on the token grid, channel-major; the
+        first ``num_prefix`` tokens have no place on the grid and get the kernel's centre tap alone.
         """
         B, h, N, d = v.shape
         c = self.dwconv_kernel // 2
         if self.dwconv_mode == "tokens":
-            taps = self.dwconv_weight.view(1, h, -1, 1, 1)  # taps[:, :, t]: (1, h, 1, 1)
-            out = torch.mul(v, taps[:, :, c], out=out)
-            for shift in range(1, min(c, N - 1) + 1):
-                out[:, :, : N - shift].addcmul_(v[:, :, shift:], taps[:, :, c + shift])  # token i sees i + shift
-                out[:, :, shift:].addcmul_(v[:, :, : N - shift], taps[:, :, c - shift])  # and i - shift
-            return out
+            return F.conv2d(v, self.dwconv_weight.view(h, 1, -1, 1), padding=(c, 0), groups=h)
         weight = self.dwconv_weight.repeat_interleave(d, dim=0).unsqueeze(1)  # (C, 1, k, k): head kernel per channel
         planes = v[:, :, num_prefix:].transpose(-2, -1).reshape(B, h * d, *grid)
         conv = F.conv2d(planes, weight, padding=c, groups=h * d).view(B, h, d, -1).transpose(-2, -1)
@@ -170,38 +149,18 @@ class _LinearAngularAttention(nn.Module):
         return conv
 
     def finish(self, y: Tensor, conv: Tensor) -> Tensor:
-        """``y / ||y|| + conv`` per head, heads merged into token-major order, projected: (B, N, C)."""
+        """``y / ||y|| + conv`` per head, heads merged, projected: (B, N, C)."""
         B, h, N, d = y.shape
-        out = torch.addcmul(conv, y, _inv_norm(y))
+        out = F.normalize(y, dim=-1) + conv
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, self.dim)))
 
     def attend_tokens(self, x: Tensor, grid: tuple[int, int], num_prefix: int = 0) -> Tensor:
         """The whole attention on (B, N, C) tokens, without region restriction: (B, N, C)."""
         q, k, v = self.split_heads(x)
-        if eager_without_autograd():
-            return self.attend_tokens_in_place(q, k, v, grid, num_prefix)
         y = self.angular(q, k, v)
         if self.sparse_branch:
-            y = y.add_(self.sparse_attention(q, k, v, None), alpha=2.0)
+            y = y + self.sparse_attention(q, k, v)
         return self.finish(y, self.conv(v, grid, num_prefix))
-
-    def attend_tokens_in_place(self, q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int], num_prefix: int) -> Tensor:
-        """``angular`` + branch + ``finish`` when nothing is kept for backward: the same math, computed
-        inside the buffer that holds q, k, v. On CPU every fresh (B, N, C) temporary costs page faults
-        and cache misses comparable to the attention's arithmetic.
-        """
-        B, h, N, d = q.shape
-        branch = self.sparse_attention(q, k, v, None) if self.sparse_branch else None  # needs the raw q, k
-        q_scale = _inv_norm(q)
-        kv = k.mul_(_inv_norm(k) * (2 / math.pi)).transpose(-2, -1) @ v  # k's buffer: k̂ (2/pi folded in)
-        y = torch.matmul(q, kv, out=k)  # k's buffer: q k̂ᵀv
-        torch.addcmul(v, y, q_scale, out=y)  # 2 (0.5 v + (1/pi) q̂ k̂ᵀ v), as in angular
-        if branch is not None:
-            y.add_(branch, alpha=2.0)
-        conv = self.conv(v, grid, num_prefix, out=q if self.dwconv_mode == "tokens" else None)  # q's buffer
-        out = v.view(B, N, h, d)  # v's buffer (v is no longer read): the token-major result
-        torch.addcmul(conv, y, _inv_norm(y), out=out.transpose(1, 2))
-        return self.proj_drop(self.proj(out.view(B, N, self.dim)))
 
     def switch_to_inference(self) -> None:
         self.sparse_branch = False
@@ -258,6 +217,19 @@ class CastlingAttention(_LinearAngularAttention):
         return self.attend_tokens(x, self.grid_size, self.num_prefix_tokens), None
 
 
+def window_regions(region_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """(num_windows, N) region ids -> (one-hot (num_windows, N, R) bool, indices of the windows with > 1 region).
+
+    Region ids are renumbered within each window (0, 1, ...), so ``R`` is the most regions any one
+    window has, not the number of ids in the map.
+    """
+    ids = region_ids - region_ids.min()
+    present = F.one_hot(ids, int(ids.max()) + 1).amax(dim=1)  # (nW, G): which ids each window holds
+    local = (present.cumsum(dim=-1) - 1).gather(1, ids)  # rank of the token's id among its window's ids
+    counts = present.sum(dim=-1)
+    return F.one_hot(local, int(counts.max())).bool(), (counts > 1).nonzero().flatten()
+
+
 class WindowCastlingAttention(_LinearAngularAttention):
     """Linear-angular attention within windows (window contract, hierarchical backbone).
 
@@ -268,6 +240,9 @@ class WindowCastlingAttention(_LinearAngularAttention):
     regions in one window: 4 under Swin's shift); the others take the plain path. No relative position
     bias: linear attention has no logits to add it to; the conv carries the position information.
     Default conv: ``"grid"``, 3 x 3 [ours], 9 taps like the release's kernel but along both window axes.
+
+    A block binds its region ids once (``bind_region_ids``): the one-hot regions and the seamed windows
+    are then buffers, and the forward has no data-dependent shapes (``torch.compile`` traces it whole).
     """
 
     def __init__(
@@ -289,28 +264,20 @@ class WindowCastlingAttention(_LinearAngularAttention):
         )
         self.window_size = self.grid_size
         self.window_area = self.grid_size[0] * self.grid_size[1]
-        self._regions_cache: tuple[Tensor, int, tuple[Tensor, Tensor]] | None = None
+        for name in ("region_ids", "region_onehot", "seamed_windows"):
+            self.register_buffer(name, None, persistent=False)
+
+    def bind_region_ids(self, region_ids: Tensor) -> None:
+        """Keep ``region_ids`` and what ``window_regions`` makes of them as buffers (outside inference mode)."""
+        with torch.inference_mode(False):
+            self.region_ids = region_ids
+            self.region_onehot, self.seamed_windows = window_regions(region_ids)
 
     def regions(self, region_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """(num_windows, N) region ids -> (one-hot (num_windows, N, R) bool, indices of the windows with > 1 region).
-
-        Region ids are renumbered within each window (0, 1, ...), so ``R`` is the most regions any one
-        window has, not the number of ids in the map. Cached per ``region_ids`` tensor (backbones pass
-        the same buffer every step).
-        """
-        cache = self._regions_cache
-        if cache is not None and cache[0] is region_ids and cache[1] == region_ids._version:
-            return cache[2]
-        # Built outside inference mode even when first asked for there (validation), or the cached
-        # tensors would be inference tensors that the next training step cannot save for backward.
-        with torch.inference_mode(False):
-            ids = region_ids - region_ids.min()
-            present = F.one_hot(ids, int(ids.max()) + 1).amax(dim=1)  # (nW, G): which ids each window holds
-            local = (present.cumsum(dim=-1) - 1).gather(1, ids)  # rank of the token's id among its window's ids
-            counts = present.sum(dim=-1)
-            result = F.one_hot(local, int(counts.max())).bool(), (counts > 1).nonzero().flatten()
-        self._regions_cache = (region_ids, region_ids._version, result)
-        return result
+        """``window_regions(region_ids)``: the bound buffers when given the bound tensor."""
+        if region_ids is self.region_ids:
+            return self.region_onehot, self.seamed_windows
+        return window_regions(region_ids)
 
     def forward(self, x: Tensor, region_ids: Tensor | None = None) -> Tensor:
         num_windows = check_windows(x, self.window_area, region_ids)
@@ -320,20 +287,21 @@ class WindowCastlingAttention(_LinearAngularAttention):
 
         q, k, v = self.split_heads(x)  # (B*nW, h, N, d)
         BW, h, N, d = q.shape
-        onehot = onehot.to(q.dtype)  # (nW, N, R)
-        q, k, v = (t.view(-1, num_windows, h, N, d) for t in (q, k, v))
-        y = self.angular(q, k, v)
+        q, k, v = (t.reshape(-1, num_windows, h, N, d) for t in (q, k, v))
         regions = onehot[seamed].unsqueeze(1)  # (nS, 1, N, R)
-        y[:, seamed] = self.angular(q[:, seamed], k[:, seamed], v[:, seamed], regions)
+        seam_y = self.angular(q[:, seamed], k[:, seamed], v[:, seamed], regions)
+        y = self.angular(q, k, v).index_copy(1, seamed, seam_y)
         if self.sparse_branch:
-            y = y.add_(self.sparse_attention(q, k, v, onehot.unsqueeze(1)), alpha=2.0)
+            y = y + self.sparse_attention(q, k, v, ~cross_region_mask(region_ids))
 
-        conv = self.conv(v.view(BW, h, N, d), self.window_size).reshape(-1, num_windows, h, N, d)
+        conv = self.conv(v.reshape(BW, h, N, d), self.window_size).view(-1, num_windows, h, N, d)
         # Seamed windows: the conv of each region alone (other regions' tokens zeroed), kept on that region.
-        R, nS = onehot.shape[-1], seamed.numel()
-        masks = regions.squeeze(1).permute(2, 0, 1)[:, None, :, None, :, None]  # (R, 1, nS, 1, N, 1)
-        by_region = self.conv((v[:, seamed] * masks).reshape(-1, h, N, d), self.window_size)
-        conv[:, seamed] = (by_region.reshape(R, -1, nS, h, N, d) * masks).sum(dim=0)
+        v_seamed, seam_conv = v[:, seamed], 0
+        for r in range(onehot.shape[-1]):
+            keep = regions[..., r, None].to(v.dtype)  # (nS, 1, N, 1): the tokens of the window's r-th region
+            alone = self.conv((v_seamed * keep).reshape(-1, h, N, d), self.window_size)
+            seam_conv = seam_conv + alone.view_as(v_seamed) * keep
+        conv = conv.index_copy(1, seamed, seam_conv)
         return self.finish(y.view(BW, h, N, d), conv.view(BW, h, N, d))
 
 
