@@ -143,19 +143,6 @@ def test_resize_grid_matches_reference_and_the_official_pooling(src, dst):
                                (tokens_on_axis_1.transpose(1, 2) @ resize_matrix(src, dst).T).transpose(1, 2))
 
 
-def test_resize_grid_trains_after_a_first_call_under_inference_mode():
-    """The gather tables are cached per (src, dst): made under inference_mode they would be inference
-    tensors, which autograd refuses to save, and every later training step would fail."""
-    from pipeline.models.layers.reuse import _axis_resize
-
-    _axis_resize.cache_clear()
-    with torch.inference_mode():
-        resize_grid(torch.randn(2, 25), (5, 5), (7, 7))
-    x = torch.randn(2, 25, requires_grad=True)
-    resize_grid(x, (5, 5), (7, 7)).square().sum().backward()
-    torch.testing.assert_close(x.grad, 2 * (x @ resize_matrix(5, 7).T) @ resize_matrix(5, 7))
-
-
 def test_feature_reuse_matches_reference():
     torch.manual_seed(0)
     module = FeatureReuse(dim=24, src_grid=7, dst_grid=10).eval()

@@ -2,7 +2,9 @@
 
 MACs follow the fvcore convention the papers use: one multiply-add of a matmul or convolution is one
 MAC; element-wise ops, softmax and norms are not counted. We read torch's own FLOP counter, which
-counts 2 FLOPs per multiply-add, and halve it.
+counts 2 FLOPs per multiply-add, and halve it. While counting, ``scaled_dot_product_attention`` runs its
+math backend, whose two matmuls the counter sees on every device (it has no formula for the CPU's fused
+kernel, which would silently drop q·kᵀ and P·v).
 """
 
 from __future__ import annotations
@@ -11,16 +13,8 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
-
-
-def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-# torch registers a formula for the CUDA attention kernels but not for the CPU one that
-# F.scaled_dot_product_attention dispatches to here, which would silently drop q·kᵀ and P·v.
-_CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flop}
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
@@ -42,7 +36,7 @@ def count_macs(
     """
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     fn = forward if forward is not None else model
-    with FlopCounterMode(display=False, custom_mapping=_CPU_SDPA) as counter:
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         fn(*args)
     return counter.get_total_flops() // 2
 
@@ -50,6 +44,6 @@ def count_macs(
 def macs_by_module(model: nn.Module, inputs: torch.Tensor | tuple) -> dict[str, int]:
     """MACs per module (torch's hierarchical breakdown, top-level modules and the total)."""
     args = inputs if isinstance(inputs, tuple) else (inputs,)
-    with torch.no_grad(), FlopCounterMode(display=False, depth=2, custom_mapping=_CPU_SDPA) as counter:
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False, depth=2) as counter:
         model(*args)
     return {name: sum(ops.values()) // 2 for name, ops in counter.get_flop_counts().items()}

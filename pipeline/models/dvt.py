@@ -362,7 +362,7 @@ class DynamicVisionTransformer(nn.Module):
         batch = x.shape[0]
         predictions = torch.empty(batch, dtype=torch.long, device=x.device)
         exit_index = torch.empty(batch, dtype=torch.long, device=x.device)
-        answer_logits = x.new_empty(batch, self.num_classes)
+        answer_logits = None  # in the exits' output dtype (bfloat16 under autocast), known after the first
         samples_per_exit = [0] * self.num_exits
         active = torch.arange(batch, device=x.device)
         prev = None
@@ -375,6 +375,8 @@ class DynamicVisionTransformer(nn.Module):
             else:
                 done = confidence >= thresholds[k]
             answered = active[done]
+            if answer_logits is None:
+                answer_logits = logits.new_empty(batch, self.num_classes)
             predictions[answered], exit_index[answered], answer_logits[answered] = predicted[done], k, logits[done]
             undecided = ~done
             if not bool(undecided.any()):

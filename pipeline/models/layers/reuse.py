@@ -17,9 +17,8 @@ the source grid, then adaptive average pooling to the target (7x7 -> 14x14 -> 10
 from __future__ import annotations
 
 import math
-from functools import lru_cache
-
 import torch
+import torch.nn.functional as F
 from timm.layers import Mlp, to_2tuple
 from torch import nn
 
@@ -34,55 +33,23 @@ def upsample_size(src: tuple[int, int], dst: tuple[int, int]) -> tuple[int, int]
     return tuple(s * max(1, math.ceil(d / s)) for s, d in zip(src, dst))
 
 
-@lru_cache(maxsize=None)
-def _axis_resize(src: int, dst: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One axis of "nearest upsample to ``up``, then adaptive average pool to ``dst``" as a gather:
-    output cell ``i`` = sum over ``j`` of ``weight[i, j] * input[index[i, j]]`` (a few terms per cell)."""
-    (up,) = upsample_size((src,), (dst,))
-    factor = up // src
-    rows = []
-    for i in range(dst):
-        lo, hi = (i * up) // dst, -(-((i + 1) * up) // dst)  # torch's adaptive pooling bins
-        sources = [u // factor for u in range(lo, hi)]  # nearest upsampling: cell u copies source u // factor
-        rows.append({s: sources.count(s) / len(sources) for s in sorted(set(sources))})
-    width = max(len(r) for r in rows)
-    index = [list(r) + [0] * (width - len(r)) for r in rows]  # padding terms carry weight 0
-    weight = [list(r.values()) + [0.0] * (width - len(r)) for r in rows]
-    # Cached, so the caller's context must not leak into it: built on the CPU explicitly (not on a meta
-    # device), and as normal tensors even when first called under inference_mode, which autograd could
-    # not save for a later backward.
-    with torch.inference_mode(False):
-        return torch.tensor(index, dtype=torch.long, device="cpu"), torch.tensor(weight, device="cpu")
-
-
-def _resize_axis(x: torch.Tensor, axis: int, src: int, dst: int) -> torch.Tensor:
-    index, weight = _axis_resize(src, dst)
-    index, weight = index.to(x.device), weight.to(x.device, x.dtype)
-    shape = [1] * x.ndim
-    shape[axis] = dst
-    out = None
-    for j in range(index.shape[1]):
-        term = x.index_select(axis, index[:, j]) * weight[:, j].view(shape)
-        out = term if out is None else out + term
-    return out
-
-
 def resize_grid(x: torch.Tensor, src: tuple[int, int], dst: tuple[int, int], axis: int = -1) -> torch.Tensor:
     """Resize token-grid axis ``axis`` of ``x`` (holding ``src_h * src_w`` entries) to ``dst_h * dst_w`` entries.
 
-    Equal to ``F.interpolate(mode='nearest')`` to ``upsample_size`` then ``F.adaptive_avg_pool2d`` (the
-    official code), computed as a separable gather-and-weight: on CPU that is many times faster than the
-    two pooling kernels on millions of tiny maps, and, like them, costs no multiply-accumulates.
+    The official code's resize: ``F.interpolate(mode='nearest')`` to ``upsample_size``, then
+    ``F.adaptive_avg_pool2d`` to ``dst``; every other axis is carried as channels.
     """
     axis = axis % x.ndim
     if x.shape[axis] != src[0] * src[1]:
         raise ValueError(f"axis {axis} has {x.shape[axis]} entries, grid {tuple(src)} needs {src[0] * src[1]}")
     if tuple(src) == tuple(dst):
         return x
-    grid = x.unflatten(axis, tuple(src))
-    grid = _resize_axis(grid, axis + 1, src[1], dst[1])
-    grid = _resize_axis(grid, axis, src[0], dst[0])
-    return grid.flatten(axis, axis + 1)
+    moved = x.movedim(axis, -1)  # (..., src_h * src_w)
+    lead = moved.shape[:-1]
+    planes = moved.reshape(1, -1, *src)  # every leading entry a channel of one image
+    planes = F.interpolate(planes, size=upsample_size(src, dst), mode="nearest")
+    planes = F.adaptive_avg_pool2d(planes, dst)
+    return planes.reshape(*lead, dst[0] * dst[1]).movedim(-1, axis)
 
 
 class FeatureReuse(nn.Module):
