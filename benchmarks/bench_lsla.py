@@ -13,8 +13,9 @@ Groups:
 
 Each group is timed round-robin (one step of every entry, then the next round), so load from other
 processes hits all alike. Training is forward + backward (+ SGD step for models); inference is forward
-under ``torch.inference_mode`` (models in eval mode). The target is that LSLA keeps its MAC advantage in
-time: throughput ratio >= 0.95 x MAC advantage (reference MACs / model MACs). ``GMAC/s`` is the inference
+under ``torch.inference_mode`` (models in eval mode). On a CPU this is a regression check (GPUs are the
+target: ``bench_gpu``): LSLA keeps most of its MAC advantage in time, throughput ratio >= ``TARGET_SHARE``
+(0.9) x MAC advantage (reference MACs / model MACs). ``GMAC/s`` is the inference
 MAC rate: how well a model's MACs run.
 
 Ratios: the median over rounds of the reference's time over the entry's time in the same round, with the
@@ -48,6 +49,8 @@ from pipeline.models.counting import count_macs, count_params
 from pipeline.models.hierarchical import window_region_ids
 from pipeline.models.layers.lsla import WindowLSLA
 from pipeline.models.layers.window_msa import WindowMSA
+
+TARGET_SHARE = 0.9  # of the MAC advantage, kept in CPU throughput
 
 MODEL_GROUPS = {
     "224": dict(
@@ -145,18 +148,18 @@ def summarize(entries: list[Entry], reference: Entry, batch: int, pick) -> list[
     """One record per entry: MACs are per image, rates in images/s (``pick`` of the rounds), ratios against
     ``reference`` as ``paired_ratio`` gives them.
 
-    ``train_ok`` / ``infer_ok``: ratio >= 0.95 x MAC advantage (``None`` for the reference). An LSLA entry whose
+    ``train_ok`` / ``infer_ok``: ratio >= TARGET_SHARE x MAC advantage (``None`` for the reference). An LSLA entry whose
     msa twin is in the group gets ``twin``: the same comparison against the twin.
     """
     by_name = {e.name: e for e in entries}
 
     def compare(e: Entry, against: Entry) -> dict:
         advantage = against.macs / e.macs
-        record = dict(mac_advantage=advantage, target_ratio=0.95 * advantage)
+        record = dict(mac_advantage=advantage, target_ratio=TARGET_SHARE * advantage)
         for kind in ("train", "infer"):
             ratio, q1, q3 = paired_ratio(getattr(against, f"{kind}_s"), getattr(e, f"{kind}_s"))
             record.update({f"{kind}_ratio": ratio, f"{kind}_ratio_iqr": [q1, q3],
-                           f"{kind}_ok": None if e is against else ratio >= 0.95 * advantage})  # fmt: skip
+                           f"{kind}_ok": None if e is against else ratio >= TARGET_SHARE * advantage})  # fmt: skip
         return record
 
     records = []
@@ -177,7 +180,7 @@ def print_table(title: str, records: list[dict]) -> None:
     reference = next(r["name"] for r in records if r["reference"])
     print(f"\n{title}; ratios against {reference} (median of the rounds' ratios, IQR)")
     header = (f"{'':32s} {'params':>8s} {'GMACs':>7s} {'train/s':>8s} {'infer/s':>8s} {'GMAC/s':>7s} "
-              f"{'MAC adv':>8s} {'train x':>8s} {'IQR':>11s} {'infer x':>8s} {'IQR':>11s}  target (x >= 0.95 MAC adv)")  # fmt: skip
+              f"{'MAC adv':>8s} {'train x':>8s} {'IQR':>11s} {'infer x':>8s} {'IQR':>11s}  target (x >= {TARGET_SHARE} MAC adv)")  # fmt: skip
     print(header + "\n" + "-" * len(header))
 
     def ratios(r: dict) -> str:
