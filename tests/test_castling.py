@@ -15,10 +15,14 @@ from pipeline.models.counting import count_macs
 from pipeline.models.layers.castling import (
     CastlingAttention,
     WindowCastlingAttention,
+    branch_scale_at,
     castling_modules,
+    inference_form,
     mask_densities,
     mask_reg_weight,
     mask_regularization,
+    open_branches,
+    set_branch_scale,
     switch_to_inference,
 )
 from pipeline.models.vit import VisionTransformer
@@ -65,7 +69,9 @@ def reference_castling(attn, x, grid, num_prefix, branch, same=None):
     """Castling attention in its quadratic form, from the module's weights.
 
     A = 0.5 I + (1/pi) q̂ k̂ᵀ (restricted to ``same`` when given), Y = A v (+ Sparse v), Y/||Y||,
-    + conv(v) (restricted to ``same``), heads merged, projected. Also returns mean(Sparse) and density.
+    + conv(v) (restricted to ``same``), heads merged, projected; the branch is ``g_h Sparse v`` with
+    ``g_h = max(a_h, 0) s``. Also returns the gate penalty mean_h g_h m_h (m_h: each row's mass that
+    the threshold keeps, averaged) and the gated mask's density.
     """
     B, N, C = x.shape
     h = attn.num_heads
@@ -84,8 +90,11 @@ def reference_castling(attn, x, grid, num_prefix, branch, same=None):
     if branch:
         P = logits.softmax(-1)
         sparse = P * (P > attn.mask_eps)
-        y = y + sparse @ v
-        stats = sparse.mean(), (P > attn.mask_eps).float().mean()
+        gate = attn.branch_gate.detach().clamp(min=0) * attn.branch_scale
+        y = y + gate.view(h, 1, 1) * (sparse @ v)
+        kept = sparse.sum(-1).mean(dim=(0, 2))  # per head
+        share = (P > attn.mask_eps).float().mean(dim=(0, 2, 3))
+        stats = (gate * kept).mean(), (share * (gate > 0)).mean()
     y = y / y.norm(dim=-1, keepdim=True) + conv @ v
     return y.transpose(1, 2).reshape(B, N, C) @ attn.proj.weight.T + attn.proj.bias, stats
 
@@ -115,11 +124,14 @@ class OpCounter(TorchDispatchMode):
 
 
 def randomize(module, seed=0):
-    """Non-trivial weights everywhere (biases included), reproducibly."""
+    """Non-trivial weights everywhere (biases included), reproducibly; branch gates open but not at 1."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        for name, p in module.named_parameters():
+            if name.endswith("branch_gate"):
+                p.copy_(torch.rand(p.shape, generator=g) * 0.7 + 0.3)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     return module
 
 
@@ -143,7 +155,7 @@ def test_right_to_left_equals_quadratic_reference(dwconv, kernel, branch, grad):
     assert logits is None
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     if branch:  # the recorded statistics are those of the reference, and the mask is partly populated
-        torch.testing.assert_close(attn.last_mask_mean, stats[0])
+        torch.testing.assert_close(attn.last_penalty, stats[0])
         torch.testing.assert_close(attn.last_mask_density, stats[1])
         assert 0.05 < float(stats[1]) < 0.95
 
@@ -162,7 +174,7 @@ def test_window_region_restriction_equals_masked_reference(dwconv, branch):
     expected, stats = reference_castling(attn, x, (window, window), 0, branch, same=same)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     if branch:
-        torch.testing.assert_close(attn.last_mask_mean, stats[0].to(attn.last_mask_mean))
+        torch.testing.assert_close(attn.last_penalty, stats[0].to(attn.last_penalty))
     # and behaviourally: changing one region's tokens leaves every other region's outputs as they were
     last_window = region_ids[-1]
     moved = last_window == last_window.max()
@@ -303,15 +315,17 @@ def test_mask_reg_weight_schedules():
         mask_reg_weight(1.0, "linear", 0.5, ramp_share=0.0)
 
 
-def test_mask_regularization_is_the_differentiable_sum_over_layers():
+def test_mask_regularization_is_the_sum_of_gate_penalties_and_acts_on_the_gates_only():
     torch.manual_seed(0)
     model = timm.create_model("castling_vit_nano", num_classes=10, depth=3, img_size=16)
     model(torch.randn(2, 3, 16, 16))
     reg = mask_regularization(model)
-    torch.testing.assert_close(reg, sum(m.last_mask_mean for _, m in castling_modules(model)))
+    torch.testing.assert_close(reg, sum(m.last_penalty for _, m in castling_modules(model)))
     assert reg > 0
     reg.backward()
-    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0  # the term reaches the query/key weights
+    for _, m in castling_modules(model):
+        assert (m.branch_gate.grad > 0).all()  # every head's gate is pushed down
+        assert m.qkv.weight.grad is None  # the penalty does not flatten q kᵀ: it closes the gate
     densities = mask_densities(model)
     assert densities.keys() == {f"blocks.{i}.attn" for i in range(3)}
     model.eval()  # evaluation forwards leave the training statistics as they were
@@ -320,36 +334,99 @@ def test_mask_regularization_is_the_differentiable_sum_over_layers():
     assert mask_regularization(model).item() == reg.item() and mask_densities(model) == densities
 
 
-def _density_after_training(strength, steps=12):
-    """Mean mask density of a small Castling ViT before and after a short optimisation with the regulariser."""
+@pytest.mark.parametrize("window", [4, 7])
+def test_gate_gradient_is_not_zero_with_a_full_mask_at_16_and_49_tokens(window):
+    """Below 1/eps = 50 tokens no row of P can be emptied, and mean(Sparse) = 1/n is constant when the mask
+    is full; the gate's penalty still has a gradient there, the largest it can have."""
     torch.manual_seed(0)
-    model = VisionTransformer(img_size=32, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=2,
+    attn = WindowCastlingAttention(32, 2, window_size=window)
+    with torch.no_grad():
+        attn.qkv.weight.mul_(0.01)  # q kᵀ ~ 0: P ~ uniform 1/n > eps, every entry on
+    attn(torch.randn(8, window * window, 32))
+    assert attn.last_mask_density == 1.0
+    (grad,) = torch.autograd.grad(attn.last_penalty, attn.branch_gate)
+    torch.testing.assert_close(grad, torch.full((2,), 0.5))  # d/dg_h of mean_h g_h m_h with m_h = 1
+
+
+def test_a_closed_gate_removes_the_branch_exactly_and_stays_closed():
+    torch.manual_seed(0)
+    model = timm.create_model("castling_vit_nano", num_classes=10, depth=2, img_size=16, attn_kwargs={"mask_eps": 0.001})
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        for _, m in castling_modules(model):
+            m.branch_gate.fill_(-0.1)
+    closed = model(x)
+    assert mask_densities(model) == {"blocks.0.attn": 0.0, "blocks.1.attn": 0.0}
+    mask_regularization(model).backward()
+    assert all(float(m.branch_gate.grad.abs().sum()) == 0.0 for _, m in castling_modules(model))  # no way back
+    deployed = timm.create_model("castling_vit_nano", num_classes=10, depth=2, img_size=16).switch_to_inference()
+    deployed.load_state_dict(model.state_dict())  # the same state dict loads into the inference form
+    torch.testing.assert_close(closed, deployed(x), rtol=0, atol=0)
+    with torch.no_grad():  # and an open gate does change the output
+        for _, m in castling_modules(model):
+            m.branch_gate.fill_(1.0)
+    assert not torch.allclose(model(x), closed)
+
+
+def test_branch_scale_schedule_and_its_buffer():
+    assert branch_scale_at(0.0, 0.75) == 1.0
+    assert branch_scale_at(0.375, 0.75) == pytest.approx(0.5)
+    assert branch_scale_at(0.75, 0.75) == 0.0 and branch_scale_at(0.9, 0.75) == 0.0
+    assert branch_scale_at(0.9, None) == 1.0
+    with pytest.raises(ValueError, match="branch_off_at"):
+        branch_scale_at(0.5, 0.0)
+    model = timm.create_model("castling_vit_nano", num_classes=10, depth=2, img_size=16)
+    set_branch_scale(model, 0.25)
+    state = model.state_dict()
+    assert state["blocks.1.attn.branch_scale"].item() == 0.25  # saved: a loaded model knows where the schedule was
+    for _, m in castling_modules(model):
+        torch.testing.assert_close(m.gate(), torch.full((4,), 0.25))
+
+
+def test_inference_form_context_and_the_warning_on_an_open_switch():
+    torch.manual_seed(0)
+    model = timm.create_model("castling_vit_nano", num_classes=10, depth=2, img_size=16)
+    x = torch.randn(2, 3, 16, 16)
+    model(x)  # a training forward: the gated masks are populated
+    assert set(open_branches(model)) == {"blocks.0.attn", "blocks.1.attn"}
+    with inference_form(model):
+        deployed = model(x)
+        assert not any(m.sparse_branch for _, m in castling_modules(model))
+    assert all(m.sparse_branch for _, m in castling_modules(model))  # restored
+    with pytest.warns(UserWarning, match=r"masks not empty in 2 layer\(s\): blocks.0.attn \(density"):
+        model.switch_to_inference()
+    torch.testing.assert_close(model(x), deployed)
+    assert open_branches(model) == {}
+
+
+def _gates_after_training(strength, steps=25):
+    """Mean gate and mask density of a small Castling ViT after a short optimisation with the penalty."""
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=32, depth=2,
                               num_heads=2, attn="castling")
-    with torch.no_grad():  # sharper attention at start, so that the mask is populated (at init P ~ 1/65 < eps)
-        for block in model.blocks:
-            block.attn.qkv.weight[:128] *= 3
     g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(16, 1, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    densities = []
+    x, y = torch.randn(16, 1, 16, 16, generator=g), torch.randint(0, 10, (16,), generator=g)
+    gates = [m.branch_gate for _, m in castling_modules(model)]
+    others = [p for p in model.parameters() if all(p is not q for q in gates)]
+    opt = torch.optim.AdamW([{"params": others}, {"params": gates, "lr": 0.05}], lr=1e-3, weight_decay=0.0)
     for _ in range(steps):
         loss = F.cross_entropy(model(x), y)
-        densities.append(sum(mask_densities(model).values()) / 2)
         opt.zero_grad()
         (loss + mask_reg_weight(strength) * mask_regularization(model)).backward()
         opt.step()
     model(x)
-    return densities[0], sum(mask_densities(model).values()) / 2
+    density = sum(mask_densities(model).values()) / 2
+    return torch.cat([gate.detach().clamp(min=0) for gate in gates]).mean().item(), density
 
 
 @pytest.mark.timeout(120)
-def test_regulariser_drives_mask_density_down_faster_with_larger_lambda():
-    before, free = _density_after_training(0.0)
-    _, mild = _density_after_training(100.0)
-    _, strong = _density_after_training(1000.0)
-    assert before > 0.05
-    assert strong < mild < before <= free * 1.02  # without the term the mask does not shrink
-    assert strong < 0.3 * before
+def test_the_penalty_closes_the_gates_and_a_larger_lambda_closes_them_sooner():
+    free_gate, free_density = _gates_after_training(0.0)
+    mild_gate, _ = _gates_after_training(0.01)
+    strong_gate, strong_density = _gates_after_training(30.0)
+    assert free_density > 0.2  # 17 tokens: the threshold alone keeps the mask populated
+    assert strong_gate < mild_gate < free_gate
+    assert strong_gate == 0.0 and strong_density == 0.0  # every head closed
 
 
 # ---------------------------------------------------------------- cost and export
@@ -414,9 +491,10 @@ def test_registered_models_build_and_run():
     nano = timm.create_model("castling_vit_nano", num_classes=10)
     twin = timm.create_model("vit_msa_nano", num_classes=10)
     assert nano(x).shape == twin(x).shape == (2, 10)
-    extra = sum(m.dwconv_weight.numel() for _, m in castling_modules(nano))  # the conv is Castling's only addition
+    # Castling adds the conv and the branch's gates (one per head, unused by the inference form)
+    extra = sum(m.dwconv_weight.numel() + m.branch_gate.numel() for _, m in castling_modules(nano))
     assert sum(p.numel() for p in nano.parameters()) == sum(p.numel() for p in twin.parameters()) + extra == \
-        sum(p.numel() for p in twin.parameters()) + 6 * 4 * 9
+        sum(p.numel() for p in twin.parameters()) + 6 * 4 * (9 + 1)
     with torch.device("meta"):
         published = {"castling_deit_tiny": 5.7e6, "castling_deit_small": 22e6, "castling_deit_base": 86e6}
         for name, count in published.items():
@@ -446,12 +524,13 @@ def test_castling_swin_models():
     assert len(attns) == 8 and all(isinstance(m, WindowCastlingAttention) for _, m in attns)
     assert ops.counts["_softmax"] == 8 and len(mask_densities(model)) == 8
     mask_regularization(model).backward()
-    model.switch_to_inference().eval()
+    with pytest.warns(UserWarning, match="masks not empty"):  # a fresh model's masks are populated
+        model.switch_to_inference().eval()
     with OpCounter() as ops:
         assert model(x).shape == (2, 10)
     assert ops.attention_ops() == 0
-    # Swin-T layout: Castling swaps each block's (2*7-1)^2 relative-bias table for a 3x3 kernel, per head
+    # Swin-T layout: Castling swaps each block's (2*7-1)^2 relative-bias table for a 3x3 kernel and a gate, per head
     with torch.device("meta"):
         castling, msa = timm.create_model("castling_swin_t"), timm.create_model("hier_msa_swin_t")
     heads = 2 * 3 + 2 * 6 + 6 * 12 + 2 * 24
-    assert sum(p.numel() for p in msa.parameters()) - sum(p.numel() for p in castling.parameters()) == heads * (169 - 9)
+    assert sum(p.numel() for p in msa.parameters()) - sum(p.numel() for p in castling.parameters()) == heads * (169 - 9 - 1)

@@ -3,15 +3,30 @@
 Per head, with ``q̂ = q/||q||`` and ``k̂ = k/||k||`` over the head's channels::
 
     Y = 0.5 v + (1/pi) q̂ (k̂ᵀ v)          right to left: k̂ᵀ v is d x d, so the cost is linear in n
-    Y = Y + Sparse v                     training form only, Sparse = P ⊙ 1[P > eps], P = softmax(q kᵀ/sqrt(d))
+    Y = Y + g_h Sparse v                 training form only, Sparse = P ⊙ 1[P > eps], P = softmax(q kᵀ/sqrt(d))
     Y = Y / ||Y||
     Y = Y + DWConv(v)                    depthwise, one kernel per head (as the official release)
     out = concat_heads(Y) W_proj + b
 
-The masked softmax branch approximates the higher-order terms of the angular kernel while training; a
-regulariser (``mask_regularization``) drives its mask empty, and ``switch_to_inference`` then removes
-it: no softmax is left and the cost per token no longer depends on n. The switch changes no parameter,
-so a state dict loads into either form.
+The masked softmax branch approximates the higher-order terms of the angular kernel while training and is
+dropped for inference (``switch_to_inference``: no softmax is left, the cost per token no longer depends on
+n). The paper regularises its masks "to gradually become zeros"; the release has only the fixed threshold.
+Here the branch of head ``h`` is ``g_h · (Sparse v)`` with a gate ``g_h = max(a_h, 0) · s`` [ours]:
+
+- ``a_h`` (``branch_gate``, starts at 1) is learned under a sparsity penalty ``λ Σ_layers mean_h g_h m_h``
+  (``mask_regularization``), ``m_h`` the share of each row's attention mass that ``P > eps`` keeps (not
+  differentiated). The gate's gradient ``λ m_h`` works at every n, and is largest when the mask is full.
+  Once ``a_h`` drops to 0 the head's branch is exactly zero and stays so (``max`` passes no gradient there).
+- ``s`` (``branch_scale``, a buffer kept in the state dict) is a schedule the training loop sets: it falls
+  from 1 to 0 by a chosen share of training, after which the loop switches to the inference form and the
+  rest of training trains the deployed model. So every mask ends empty, at any n.
+
+Why not a penalty on ``P`` itself (``mean(Sparse)``): a softmax row's largest weight is at least ``1/n``, so
+below ``n = 1/eps = 50`` tokens (Swin's 49-token windows, DVT's coarse exits) no penalty can empty ``P > eps``,
+and with the mask full ``mean(Sparse) = 1/n`` is a constant with no gradient; above 50, the cheapest way to
+push ``P`` under ``eps`` is to flatten ``q kᵀ``, which the angular term, blind to the scale of q and k, allows.
+The gate shuts the branch itself. The switch changes no parameter, so a state dict loads into either form;
+the inference form does not read the gate.
 
 ``CastlingAttention`` follows the global contract (plain ViT), ``WindowCastlingAttention`` the window
 contract (hierarchical backbone); both are described in ``pipeline.models.layers``.
@@ -19,7 +34,9 @@ contract (hierarchical backbone); both are described in ``pipeline.models.layers
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +49,10 @@ __all__ = [
     "CastlingAttention",
     "WindowCastlingAttention",
     "switch_to_inference",
+    "inference_form",
+    "open_branches",
+    "set_branch_scale",
+    "branch_scale_at",
     "castling_modules",
     "mask_regularization",
     "mask_densities",
@@ -90,10 +111,13 @@ class _LinearAngularAttention(nn.Module):
         nn.init.uniform_(self.dwconv_weight, -bound, bound)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        # the branch's gate (see the module docstring): learned per head, times the loop's schedule
+        self.branch_gate = nn.Parameter(torch.ones(num_heads))
+        self.register_buffer("branch_scale", torch.ones(()))
 
         # Statistics of the last training forward with the branch (read by mask_regularization / mask_densities).
-        self.last_mask_mean: Tensor | None = None  # mean(Sparse), differentiable
-        self.last_mask_density: Tensor | None = None  # share of P > eps, detached
+        self.last_penalty: Tensor | None = None  # mean_h g_h m_h, differentiable in the gate
+        self.last_mask_density: Tensor | None = None  # share of the gated mask's entries that are on, detached
 
     def split_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, N, C) -> q, k, v, each (B, heads, N, d)."""
@@ -113,11 +137,15 @@ class _LinearAngularAttention(nn.Module):
             q, k = (q.unsqueeze(-2) * slots).flatten(-2), (k.unsqueeze(-2) * slots).flatten(-2)
         return 0.5 * v + (q @ (k.transpose(-2, -1) @ v)) / math.pi
 
-    def sparse_attention(self, q: Tensor, k: Tensor, v: Tensor, same: Tensor | None = None) -> Tensor:
-        """``Sparse · v`` with ``Sparse = P ⊙ 1[P > eps]``; records the mask statistics while training.
+    def gate(self) -> Tensor:
+        """``g_h = max(a_h, 0) · s`` per head, ``(heads,)``: 0 shuts the head's branch exactly."""
+        return F.relu(self.branch_gate) * self.branch_scale
 
-        ``same``: None, or a bool mask broadcasting against the (..., n, n) logits, False where a token may
-        not attend (another region).
+    def sparse_attention(self, q: Tensor, k: Tensor, v: Tensor, same: Tensor | None = None) -> Tensor:
+        """``g_h (Sparse · v)`` with ``Sparse = P ⊙ 1[P > eps]``; records the penalty and the density while training.
+
+        q, k, v: (..., heads, n, d). ``same``: None, or a bool mask broadcasting against the (..., n, n)
+        logits, False where a token may not attend (another region).
         """
         logits = (q * self.scale) @ k.transpose(-2, -1)
         if same is not None:
@@ -125,10 +153,13 @@ class _LinearAngularAttention(nn.Module):
         probs = logits.float().softmax(dim=-1)  # float32 whatever the autocast dtype: eps is compared to it
         mask = probs > self.mask_eps
         sparse = probs * mask
+        gate = self.gate()
         if self.training:
-            self.last_mask_mean = sparse.mean()
-            self.last_mask_density = mask.float().mean().detach()
-        return self.attn_drop(sparse).to(v.dtype) @ v
+            per_head = [i for i in range(sparse.ndim - 1) if i != sparse.ndim - 3]  # every axis but heads and keys
+            kept = sparse.detach().sum(dim=-1).mean(dim=per_head)  # m_h: the row mass the threshold keeps
+            self.last_penalty = (gate * kept).mean()
+            self.last_mask_density = (mask.float().mean(dim=[*per_head, -1]) * (gate > 0)).mean().detach()
+        return (self.attn_drop(sparse).to(v.dtype) @ v) * gate.view(-1, 1, 1)
 
     def conv(self, v: Tensor, grid: tuple[int, int], num_prefix: int = 0) -> Tensor:
         """Depthwise conv of ``v`` (B, h, N, d), one kernel per head: (B, h, N, d).
@@ -162,9 +193,14 @@ class _LinearAngularAttention(nn.Module):
             y = y + self.sparse_attention(q, k, v)
         return self.finish(y, self.conv(v, grid, num_prefix))
 
+    def branch_open(self) -> bool:
+        """The branch added something in the last training forward (its gated mask was not empty), so the
+        switch changes the output. False when no training forward was recorded."""
+        return self.sparse_branch and self.last_mask_density is not None and bool(self.last_mask_density > 0)
+
     def switch_to_inference(self) -> None:
         self.sparse_branch = False
-        self.last_mask_mean = self.last_mask_density = None
+        self.last_penalty = self.last_mask_density = None
 
     def extra_repr(self) -> str:
         return (
@@ -310,26 +346,65 @@ def castling_modules(model: nn.Module) -> list[tuple[str, _LinearAngularAttentio
     return [(name, m) for name, m in model.named_modules() if isinstance(m, _LinearAngularAttention)]
 
 
-def switch_to_inference(model: nn.Module) -> nn.Module:
+def open_branches(model: nn.Module) -> dict[str, float]:
+    """Castling layers whose branch is still open (``branch_open``), with their last recorded mask density."""
+    return {name: float(m.last_mask_density) for name, m in castling_modules(model) if m.branch_open()}
+
+
+def switch_to_inference(model: nn.Module, warn: bool = True) -> nn.Module:
     """Turn every Castling attention of ``model`` into its inference form; returns ``model``.
 
     The masked softmax branch is removed (no softmax runs, cost per token constant in n); parameters
     and buffers are untouched, so the state dict is the same before and after. Train/eval mode is left
-    as it is.
+    as it is. With ``warn``, a branch that was still open (its output changes) is named in a warning.
     """
+    still_open = open_branches(model) if warn else {}
+    if still_open:
+        listed = ", ".join(f"{name} (density {d:.3f})" for name, d in still_open.items())
+        warnings.warn(f"Castling: switching to the inference form with masks not empty in {len(still_open)} "
+                      f"layer(s): {listed}; the deployed model differs from the trained one", stacklevel=2)  # fmt: skip
     for _, module in castling_modules(model):
         module.switch_to_inference()
     return model
 
 
-def mask_regularization(model: nn.Module) -> Tensor:
-    """Sum over Castling layers of ``mean(Sparse)`` from the last training forward (differentiable).
+@contextlib.contextmanager
+def inference_form(model: nn.Module):
+    """Within the block, every Castling attention of ``model`` runs its inference form (branch dropped)."""
+    modules = [m for _, m in castling_modules(model)]
+    before = [m.sparse_branch for m in modules]
+    for m in modules:
+        m.sparse_branch = False
+    try:
+        yield model
+    finally:
+        for m, flag in zip(modules, before):
+            m.sparse_branch = flag
 
-    The training loop adds ``mask_reg_weight(...) * mask_regularization(model)`` to its loss; pushing
-    the large attention weights under ``eps`` empties the masks [ours: METHODS.md section 3]. Zero (a
+
+def set_branch_scale(model: nn.Module, scale: float) -> None:
+    """Set the schedule factor ``s`` of every Castling gate (in place: a compiled model does not recompile)."""
+    for _, module in castling_modules(model):
+        module.branch_scale.fill_(scale)
+
+
+def branch_scale_at(progress: float, off_at: float | None) -> float:
+    """The gate schedule ``s`` at ``progress`` (share of training done): 1 falling linearly to 0 at ``off_at``
+    and 0 after it [ours]; always 1 when ``off_at`` is None (the learned gate alone closes the branch)."""
+    if off_at is None:
+        return 1.0
+    if not 0.0 < off_at <= 1.0:
+        raise ValueError(f"branch_off_at must be in (0, 1], got {off_at}")
+    return max(0.0, 1.0 - max(progress, 0.0) / off_at)
+
+
+def mask_regularization(model: nn.Module) -> Tensor:
+    """Sum over Castling layers of the gate penalty ``mean_h g_h m_h`` from the last training forward.
+
+    The training loop adds ``mask_reg_weight(...) * mask_regularization(model)`` to its loss. Zero (a
     tensor) when no layer recorded a term, e.g. after the switch.
     """
-    terms = [m.last_mask_mean for _, m in castling_modules(model) if m.last_mask_mean is not None]
+    terms = [m.last_penalty for _, m in castling_modules(model) if m.last_penalty is not None]
     if not terms:
         p = next(model.parameters(), None)
         return torch.zeros((), device=None if p is None else p.device)
@@ -337,7 +412,7 @@ def mask_regularization(model: nn.Module) -> Tensor:
 
 
 def mask_densities(model: nn.Module) -> dict[str, float]:
-    """Per Castling layer, the share of ``P > eps`` in its last training forward (for logging)."""
+    """Per Castling layer, the share of the gated mask's entries that are on in its last training forward."""
     recorded = [(name, m.last_mask_density) for name, m in castling_modules(model) if m.last_mask_density is not None]
     if not recorded:
         return {}
