@@ -64,6 +64,8 @@ def test_defaults_fill_a_minimal_config_and_survive_a_round_trip():
         ({"compile": True, "compile_mode": "max-autotune", "compile_backend": "aot_eager"},
          "compile_mode: 'max-autotune' is an inductor mode; compile_backend is 'aot_eager'"),
         ({"channels_last": 1}, "channels_last: expected true/false, got 1"),
+        ({"method": {"castling": {"branch_off_at": 0.0}}}, "method.castling.branch_off_at must be in (0, 1] or null"),
+        ({"method": {"castling": {"branch_off_at": 1.5}}}, "method.castling.branch_off_at must be in (0, 1] or null"),
     ],
 )
 def test_errors_name_the_field(change, message):
@@ -113,7 +115,8 @@ def test_override_values_are_validated_with_the_config():
 def test_flatten_gives_dotted_params():
     flat = flatten(TrainConfig.from_dict(apply_overrides(MINIMAL, {"model.kwargs.ds_init": 2.0})).to_dict())
     assert flat["model.kwargs.ds_init"] == 2.0 and flat["optim.lr"] == 1e-3 and flat["data.crop_scale"] == [0.08, 1.0]
-    assert flat["method.castling.mask_reg_strength"] == 0.0 and "model.kwargs" not in flat
+    assert flat["method.castling.mask_reg_strength"] == 0.1 and flat["method.castling.branch_off_at"] == 0.75
+    assert "model.kwargs" not in flat
 
 
 def test_resolve_fills_data_facts_paths_and_tracking_uri(digits_shards, tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ whole in-process runs (Ray Train's local mode) for the methods that train differ
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -444,6 +445,69 @@ def test_castling_run_regularises_logs_densities_and_exports_the_inference_form(
     assert "softmax" not in graph  # the masked softmax branch is gone: Castling's inference form
     images = torch.randn(3, 1, 16, 16)  # another batch size than the input example's: the batch dim stays free
     assert exported(images).shape == (3, 10)
+
+
+CASTLING_RUNS = {
+    "castling_vit_nano": dict(model__kwargs={"depth": 2, "embed_dim": 64, "num_heads": 4}),
+    # 32x32: the first stage's 8x8 map has shifted windows (seams) of 16 tokens
+    "castling_swin_nano": dict(model__kwargs={"depths": (2, 2, 1, 1)}, data__img_size=32),
+    "dvt_castling_nano": dict(model__kwargs={"depth": 2, "embed_dim": 64, "num_heads": 4}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASTLING_RUNS))
+def test_castling_training_ends_with_every_mask_empty_and_validates_the_deployed_form(name, tiny_config, tmp_path,
+                                                                                      monkeypatch):
+    """A real run on the digits with the default regulariser: the branch closes on schedule, the last
+    checkpoint's training form equals its inference form, and val/* is the inference form throughout."""
+    import pipeline.train.loop as loop
+    from pipeline.models.layers.castling import castling_modules
+    from pipeline.train.build import build_model
+
+    saved = []
+
+    def keep_a_copy(directory, state):  # local mode keeps no checkpoints: take the ones the loop writes
+        saved.append(save_checkpoint(tmp_path / "kept" / checkpoint_dir_name(len(saved) + 1), state))
+        return save_checkpoint(directory, state)
+
+    monkeypatch.setattr(loop, "save_checkpoint", keep_a_copy)
+    config = tiny_config(model__name=name, optim__epochs=3, scaling__num_workers=0, mlflow__log_model=False,
+                         **CASTLING_RUNS[name])  # fmt: skip
+    assert config.method.castling.mask_reg_strength > 0 and config.method.castling.branch_off_at == 0.75  # defaults
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "masks not empty" warning: they are empty
+        warnings.filterwarnings("ignore", category=UserWarning, module="(?!pipeline)")
+        summary = train(config)
+    client, run = _run(config)
+    assert summary["status"] == "finished" and "vitpipe.castling_open_masks" not in run.data.tags
+    scales = [m.value for m in client.get_metric_history(run.info.run_id, "castling/branch_scale")]
+    assert scales[0] > 0 and scales[-1] == 0.0
+    # the training form is reported while it exists, next to the deployed form's val/*
+    assert client.get_metric_history(run.info.run_id, "val_train_form/top1")
+    assert len(client.get_metric_history(run.info.run_id, "val/top1")) == 3
+
+    model = build_model(config)
+    model.load_state_dict(torch.load(saved[-1], weights_only=True)["model"])
+    assert all(float(m.gate().detach().abs().max()) == 0.0 for _, m in castling_modules(model))  # every mask empty
+    model.eval()
+    size = config.data.img_size
+    images = torch.randn(8, 1, size, size)
+    with torch.no_grad():
+        training_form = model(images)
+        deployed = model.switch_to_inference()(images)
+    for got, want in zip(*(o if isinstance(o, list) else [o] for o in (deployed, training_form))):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_castling_run_without_the_schedule_warns_and_tags_open_masks(tiny_config):
+    config = tiny_config(model__name="castling_vit_nano", optim__epochs=1, scaling__num_workers=0,
+                         method__castling__branch_off_at=None, method__castling__mask_reg_strength=0.0,
+                         mlflow__log_model=False)  # fmt: skip
+    with pytest.warns(UserWarning, match=r"masks not empty after training in 2 layer\(s\)"):
+        train(config)
+    _, run = _run(config)
+    assert "blocks.0.attn" in run.data.tags["vitpipe.castling_open_masks"]
+    assert run.data.metrics["val_train_form/top1"] >= 0.0
 
 
 def test_dvt_run_validates_every_exit_and_logs_the_budget_curve(tiny_config):

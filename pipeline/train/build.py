@@ -1,7 +1,8 @@
 """Model construction for training, and the duck-typed hooks of the methods that train differently.
 
-- Castling-ViT: a model with Castling attention layers adds ``mask_reg_weight * mask_regularization`` to
-  its loss, logs per-layer mask densities, and is switched to its inference form before export.
+- Castling-ViT: a model with Castling attention layers adds ``mask_reg_weight * mask_regularization`` (the
+  branch gates' penalty) to its loss, follows the gate schedule, logs per-layer mask densities, is
+  validated in its inference form, and is switched to it before export.
 - DVT: a model whose forward returns a list of per-exit logits is trained on the weighted sum of the
   exits' cross-entropies and validated per exit.
 

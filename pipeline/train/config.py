@@ -137,12 +137,17 @@ class OptimConfig:
 
 @dataclass
 class CastlingConfig:
-    # [ours] loss += weight(progress) * sum over layers of mean(Sparse): METHODS.md section 3.
-    mask_reg_strength: float = 0.0
+    # [ours] the branch's gate (pipeline.models.layers.castling): loss += weight(progress) * the gate penalty
+    mask_reg_strength: float = 0.1
     mask_reg_schedule: str = "constant"  # interpreted by pipeline.models.layers.castling.mask_reg_weight
+    # the gate schedule falls from 1 to 0 by this share of training, then the model trains in inference
+    # form; null: the learned gate alone (masks may stay open: the run is then tagged and warned)
+    branch_off_at: float | None = 0.75
 
     def __post_init__(self) -> None:
         _check_range("method.castling.mask_reg_strength", self.mask_reg_strength, 0.0, None)
+        if self.branch_off_at is not None and not 0.0 < self.branch_off_at <= 1.0:
+            raise ConfigError(f"method.castling.branch_off_at must be in (0, 1] or null, got {self.branch_off_at}")
 
 
 @dataclass

@@ -243,6 +243,7 @@ class EpochResult:
     cpu_seconds: float  # CPU time of this process (not of DataLoader workers) over the epoch
     skipped: float
     non_finite: bool = False
+    mask_density: dict[str, float] | None = None  # Castling: per layer, averaged over the epoch's steps
 
 
 def _mixup(config: TrainConfig):
@@ -292,11 +293,10 @@ def train_one_epoch(
     state.ddp.train()
     mixup = _mixup(config)
     regularise = castling and config.method.castling.mask_reg_strength > 0
-    if regularise:
-        from pipeline.models.layers.castling import mask_reg_weight, mask_regularization
     steps = len(loader)
     updates = math.ceil(steps / opt.accum_steps)
     total_updates = updates * opt.epochs
+    gates = _CastlingGates(state, config, d, total_updates) if castling else None
     skipped_before = loader.skipped  # the reader counts over its lifetime
     window_loss = torch.zeros(2, dtype=torch.float64, device=d.device)  # [sum of losses, micro-steps]
     epoch_loss = torch.zeros(2, dtype=torch.float64)
@@ -325,15 +325,16 @@ def train_one_epoch(
         if mixup is not None:
             images, target = mixup(images, target)
         sync = last_of_group or not hasattr(state.ddp, "no_sync")
+        if gates is not None:
+            gates.before_step()
         with contextlib.nullcontext() if sync else state.ddp.no_sync():
             with _autocast(config, d.device):
                 loss = _train_loss(state.ddp(images), target, valid, config)
                 if regularise:
-                    weight = mask_reg_weight(config.method.castling.mask_reg_strength,
-                                             config.method.castling.mask_reg_schedule,
-                                             (state.global_step + 1) / total_updates)  # fmt: skip
-                    loss = loss + weight * mask_regularization(state.model)
+                    loss = loss + gates.penalty()
             state.scaler.scale(loss / group_size).backward()
+        if gates is not None:
+            gates.after_step()
         window_loss[0] += loss.detach().float()
         window_loss[1] += 1
         images_seen += images.shape[0]
@@ -376,7 +377,62 @@ def train_one_epoch(
     seconds = time.perf_counter() - start
     skipped = d.sum(torch.tensor([float(loader.skipped - skipped_before)]))[0].item()
     loss = epoch_loss[0].item() / max(epoch_loss[1].item(), 1)
-    return EpochResult(loss, images_seen * d.world_size, seconds, step_times, time.process_time() - cpu_start, skipped)
+    return EpochResult(loss, images_seen * d.world_size, seconds, step_times, time.process_time() - cpu_start, skipped,
+                       mask_density=None if gates is None else gates.epoch_densities())  # fmt: skip
+
+
+class _CastlingGates:
+    """Castling's branch during one epoch: the gate schedule, the gate penalty and the per-layer mask density.
+
+    Before each step the schedule ``s`` is set on every gate; once it reaches 0 the model (and its EMA) is
+    switched to the inference form, so the rest of training trains the deployed model. Densities are summed
+    on the device each step (no sync) and averaged over the epoch and the ranks at its end.
+    """
+
+    def __init__(self, state: State, config: TrainConfig, d: Dist, total_updates: int):
+        from pipeline.models.layers.castling import castling_modules
+
+        self.state, self.config, self.d, self.total_updates = state, config, d, total_updates
+        self.layers = castling_modules(state.model)
+        self.density_sum = torch.zeros(len(self.layers), device=d.device)
+        self.steps = 0
+
+    def progress(self) -> float:
+        return self.state.global_step / max(self.total_updates, 1)
+
+    def before_step(self) -> None:
+        from pipeline.models.layers.castling import branch_scale_at, set_branch_scale, switch_to_inference
+
+        if not any(m.sparse_branch for _, m in self.layers):
+            return
+        scale = branch_scale_at(self.progress(), self.config.method.castling.branch_off_at)
+        if scale > 0:
+            set_branch_scale(self.state.model, scale)
+            return
+        set_branch_scale(self.state.model, 0.0)
+        switch_to_inference(self.state.model, warn=False)  # every gate is 0: the output does not change
+        if self.state.ema is not None:
+            set_branch_scale(self.state.ema.module, 0.0)
+            switch_to_inference(self.state.ema.module, warn=False)
+
+    def penalty(self) -> Tensor:
+        from pipeline.models.layers.castling import mask_reg_weight, mask_regularization
+
+        castling = self.config.method.castling
+        weight = mask_reg_weight(castling.mask_reg_strength, castling.mask_reg_schedule, self.progress())
+        return weight * mask_regularization(self.state.model)
+
+    def after_step(self) -> None:
+        recorded = [m.last_mask_density for _, m in self.layers]
+        if all(r is None for r in recorded):  # switched: the masks are empty
+            recorded = [torch.zeros((), device=self.d.device)] * len(self.layers)
+        self.density_sum += torch.stack([torch.zeros((), device=self.d.device) if r is None else r for r in recorded])
+        self.steps += 1
+
+    def epoch_densities(self) -> dict[str, float]:
+        summed = self.d.sum(torch.cat([self.density_sum, torch.tensor([float(self.steps)], device=self.d.device)]))
+        means = (summed[:-1] / summed[-1].clamp(min=1)).tolist()
+        return {name: value for (name, _), value in zip(self.layers, means)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -500,6 +556,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             _progress(f"{where}: {config.model.name}, {d.world_size} worker(s) on {device.type}, "
                       f"{len(train_loader)} steps/epoch of {config.data.batch_size} per worker{compiled}")  # fmt: skip
         result = _train_epochs(state, config, d, train_loader, val_loader, logger, castling)
+        if castling and result["status"] == "finished":
+            _check_branches_closed(state.model, logger)
         if result["status"] != "finished":
             if logger is not None:
                 logger.finish("FAILED", result["status"])
@@ -509,6 +567,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         if logger is not None:
             logger.finish("FINISHED", "finished")
     return result
+
+
+def _check_branches_closed(model: nn.Module, logger) -> None:
+    """Warn (and tag the MLflow run) when a Castling branch is still open after training: the deployed
+    inference form then differs from the trained model."""
+    import warnings
+
+    from pipeline.models.layers.castling import open_branches
+
+    still_open = open_branches(model)
+    if not still_open:
+        return
+    listed = ", ".join(f"{name} ({density:.3f})" for name, density in still_open.items())
+    warnings.warn(f"Castling: masks not empty after training in {len(still_open)} layer(s), mask density "
+                  f"{listed}; set method.castling.branch_off_at (or a larger mask_reg_strength)", stacklevel=2)  # fmt: skip
+    if logger is not None:
+        logger.tags({"vitpipe.castling_open_masks": listed[:5000]})
 
 
 def _train_epochs(state: State, config: TrainConfig, d: Dist, train_loader, val_loader, logger, castling) -> dict:
@@ -534,22 +609,20 @@ def _train_epochs(state: State, config: TrainConfig, d: Dist, train_loader, val_
         if config.data.skip_corrupt:
             metrics["data/skipped_corrupt"] = epoch_result.skipped
         val_start = time.perf_counter()
-        metrics.update({f"val/{k}": v for k, v in evaluate(state.evaluated(), val_loader, d, config).items()})
-        if state.ema is not None:
-            metrics.update({f"val_ema/{k}": v for k, v in evaluate(state.evaluated(ema=True), val_loader, d,
-                                                                   config).items()})  # fmt: skip
+        metrics.update(_validate(state, val_loader, d, config, castling))
         metrics["val/time_s"] = time.perf_counter() - val_start
         if castling:
-            from pipeline.models.layers.castling import mask_densities, mask_reg_weight
+            from pipeline.models.layers.castling import branch_scale_at, mask_reg_weight
 
-            densities = mask_densities(state.model)
+            densities = epoch_result.mask_density
             metrics.update({f"castling/mask_density/{name}": v for name, v in densities.items()})
-            if densities:
-                metrics["castling/mask_density_mean"] = float(np.mean(list(densities.values())))
+            metrics["castling/mask_density_mean"] = float(np.mean(list(densities.values())))
+            progress = (epoch + 1) / config.optim.epochs
+            castling_config = config.method.castling
             metrics["castling/mask_reg_weight"] = mask_reg_weight(
-                config.method.castling.mask_reg_strength, config.method.castling.mask_reg_schedule,
-                (epoch + 1) / config.optim.epochs,
+                castling_config.mask_reg_strength, castling_config.mask_reg_schedule, progress
             )  # fmt: skip
+            metrics["castling/branch_scale"] = branch_scale_at(progress, castling_config.branch_off_at)
         state.epochs_done = epoch + 1
         _report(state, config, d, metrics, logger)
         if d.rank == 0:
@@ -557,6 +630,32 @@ def _train_epochs(state: State, config: TrainConfig, d: Dist, train_loader, val_
                       f"{metrics['train/loss']:.4f}, val loss {metrics['val/loss']:.4f}, "
                       f"top-1 {metrics['val/top1']:.2f}%, top-5 {metrics['val/top5']:.2f}%")  # fmt: skip
     return {"status": "finished", "epochs_done": state.epochs_done, "global_step": state.global_step}
+
+
+def _validate(state: State, loader, d: Dist, config: TrainConfig, castling: bool) -> dict[str, float]:
+    """``val/*`` (and ``val_ema/*``) of the deployed model: Castling's inference form, its branch dropped.
+
+    While a Castling model still has its branch, the training form is reported too (``val_train_form/*``).
+    """
+    from pipeline.models.layers.castling import inference_form
+
+    metrics = {}
+    with inference_form(state.model) if castling else contextlib.nullcontext():
+        metrics.update({f"val/{k}": v for k, v in evaluate(state.evaluated(), loader, d, config).items()})
+    if state.ema is not None:
+        with inference_form(state.ema.module) if castling else contextlib.nullcontext():
+            metrics.update({f"val_ema/{k}": v for k, v in evaluate(state.evaluated(ema=True), loader, d,
+                                                                   config).items()})  # fmt: skip
+    if castling and any(m.sparse_branch for _, m in _castling_layers(state.model)):
+        training_form = evaluate(state.evaluated(), loader, d, config)
+        metrics.update({f"val_train_form/{k}": training_form[k] for k in ("loss", "top1")})
+    return metrics
+
+
+def _castling_layers(model: nn.Module):
+    from pipeline.models.layers.castling import castling_modules
+
+    return castling_modules(model)
 
 
 def _report(state: State, config: TrainConfig, d: Dist, metrics: dict[str, float], logger) -> None:
@@ -626,11 +725,13 @@ def _finish(state: State, config: TrainConfig, d: Dist, logger, castling: bool) 
             from pipeline.models.layers.castling import castling_modules
 
             names = [f"castling/mask_density/{name}" for name, _ in castling_modules(final)]
-            logger.curves({"Castling mask density (share of P > eps)": names}, "castling_mask_density.png")
+            logger.curves({"Castling mask density (share of the gated mask on, epoch mean)": names},
+                          "castling_mask_density.png")
 
         # Two images: with one, torch.export would fix the batch dimension of the exported model to 1.
         example_images = next(_real_rows(_loader(config, Dist(0, 1, torch.device("cpu")), "val", train=False,
                                                   world=False)))[0][:2]  # fmt: skip
+        to_inference_form(final).eval()  # the deployed form is what DVT calibrates, costs and evaluates
         if hasattr(final, "exit_macs"):  # a DVT cascade: calibrate exit thresholds on val, sweep the budget
             from pipeline.eval.dvt_budget import calibrate_and_sweep
 
@@ -645,7 +746,6 @@ def _finish(state: State, config: TrainConfig, d: Dist, logger, castling: bool) 
             logger.artifact(Path(scratch, "dvt_budget.json"), "dvt")
             logger.artifact(Path(scratch, "dvt_budget.png"), "dvt")
             final.cpu()
-        to_inference_form(final).eval()
         if config.mlflow.log_model:
             result["model_format"] = logger.model(final, example_images.numpy(), serialization=config.mlflow.model_format)
     return result
