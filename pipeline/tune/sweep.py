@@ -495,8 +495,11 @@ def run_sweep(
     client = MlflowClient(uri)
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     rows = _collect(results, statuses, space, metric, mode, client, experiment_id, parent_run_id)
-    for row in rows:  # children that the scheduler stopped are still marked running: close them
-        if row.status == "stopped early" and row.run_id and client.get_run(row.run_id).info.status == "RUNNING":
+    # Children that the scheduler stopped are still marked running, or failed when the stop tore their worker
+    # down mid-way through the run's end (the controller gone under a Ray call): Tune says stopped, so close them so.
+    for row in rows:
+        stopped = row.status == "stopped early" and row.run_id
+        if stopped and client.get_run(row.run_id).info.status in ("RUNNING", "FAILED"):
             tracking.close_run(uri, row.run_id, "KILLED", f"{STOPPED_EARLY}: {space.scheduler.name} after epoch {row.epochs}")
     scored = [r for r in rows if r.best is not None]
     best = (max if mode == "max" else min)(scored, key=lambda r: r.best) if scored else None
