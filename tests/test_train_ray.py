@@ -118,3 +118,19 @@ def test_worker_failure_restarts_from_checkpoint_and_rerun_resumes_one_mlflow_ru
     # And once more: nothing left to train; Ray is not even asked.
     assert train(more)["status"] == "already_finished"
     assert len(_runs(config)) == 1
+
+
+@pytest.mark.ray
+def test_two_worker_castling_run_trains_past_the_closed_branch(ray_local, tiny_config):
+    """DDP wants a gradient for every parameter at every step: after the gate schedule reaches 0 (half-way
+    here) the branch still runs, adding exactly nothing, and the run finishes with the masks empty."""
+    config = tiny_config(model__name="castling_vit_nano", method__castling__branch_off_at=0.5,
+                         mlflow__log_model=False)  # fmt: skip
+    assert config.scaling.num_workers == 2 and not config.scaling.find_unused_parameters
+    summary = train(config)
+    assert summary["status"] == "finished" and summary["epochs_done"] == 2
+    client = MlflowClient(config.mlflow.tracking_uri)
+    (run,) = _runs(config)
+    densities = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "castling/mask_density_mean")}
+    assert densities[1] > 0 and densities[2] == 0.0  # epoch 2 runs entirely after the schedule's end
+    assert "vitpipe.castling_open_masks" not in run.data.tags

@@ -140,8 +140,8 @@ class CastlingConfig:
     # [ours] the branch's gate (pipeline.models.layers.castling): loss += weight(progress) * the gate penalty
     mask_reg_strength: float = 0.1
     mask_reg_schedule: str = "constant"  # interpreted by pipeline.models.layers.castling.mask_reg_weight
-    # the gate schedule falls from 1 to 0 by this share of training, then the model trains in inference
-    # form; null: the learned gate alone (masks may stay open: the run is then tagged and warned)
+    # the gate schedule falls from 1 to 0 by this share of training, after which the branch adds nothing;
+    # null: the learned gate alone (masks may stay open: the run is then tagged and warned)
     branch_off_at: float | None = 0.75
 
     def __post_init__(self) -> None:

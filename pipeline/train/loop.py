@@ -384,8 +384,9 @@ def train_one_epoch(
 class _CastlingGates:
     """Castling's branch during one epoch: the gate schedule, the gate penalty and the per-layer mask density.
 
-    Before each step the schedule ``s`` is set on every gate; once it reaches 0 the model (and its EMA) is
-    switched to the inference form, so the rest of training trains the deployed model. Densities are summed
+    Before each step the schedule ``s`` is set on every gate. Once it is 0 the branch adds exactly nothing:
+    the rest of training trains the deployed model's function. The branch stays in the graph (its gates
+    get zero gradients), as DDP wants a gradient for every parameter at every step. Densities are summed
     on the device each step (no sync) and averaged over the epoch and the ranks at its end.
     """
 
@@ -401,19 +402,9 @@ class _CastlingGates:
         return self.state.global_step / max(self.total_updates, 1)
 
     def before_step(self) -> None:
-        from pipeline.models.layers.castling import branch_scale_at, set_branch_scale, switch_to_inference
+        from pipeline.models.layers.castling import branch_scale_at, set_branch_scale
 
-        if not any(m.sparse_branch for _, m in self.layers):
-            return
-        scale = branch_scale_at(self.progress(), self.config.method.castling.branch_off_at)
-        if scale > 0:
-            set_branch_scale(self.state.model, scale)
-            return
-        set_branch_scale(self.state.model, 0.0)
-        switch_to_inference(self.state.model, warn=False)  # every gate is 0: the output does not change
-        if self.state.ema is not None:
-            set_branch_scale(self.state.ema.module, 0.0)
-            switch_to_inference(self.state.ema.module, warn=False)
+        set_branch_scale(self.state.model, branch_scale_at(self.progress(), self.config.method.castling.branch_off_at))
 
     def penalty(self) -> Tensor:
         from pipeline.models.layers.castling import mask_reg_weight, mask_regularization
@@ -635,7 +626,8 @@ def _train_epochs(state: State, config: TrainConfig, d: Dist, train_loader, val_
 def _validate(state: State, loader, d: Dist, config: TrainConfig, castling: bool) -> dict[str, float]:
     """``val/*`` (and ``val_ema/*``) of the deployed model: Castling's inference form, its branch dropped.
 
-    While a Castling model still has its branch, the training form is reported too (``val_train_form/*``).
+    While a Castling model's branch is still open (schedule above 0), the training form is reported too
+    (``val_train_form/*``).
     """
     from pipeline.models.layers.castling import inference_form
 
@@ -646,7 +638,7 @@ def _validate(state: State, loader, d: Dist, config: TrainConfig, castling: bool
         with inference_form(state.ema.module) if castling else contextlib.nullcontext():
             metrics.update({f"val_ema/{k}": v for k, v in evaluate(state.evaluated(ema=True), loader, d,
                                                                    config).items()})  # fmt: skip
-    if castling and any(m.sparse_branch for _, m in _castling_layers(state.model)):
+    if castling and any(m.sparse_branch and float(m.branch_scale) > 0 for _, m in _castling_layers(state.model)):
         training_form = evaluate(state.evaluated(), loader, d, config)
         metrics.update({f"val_train_form/{k}": training_form[k] for k in ("loss", "top1")})
     return metrics

@@ -18,8 +18,8 @@ Here the branch of head ``h`` is ``g_h · (Sparse v)`` with a gate ``g_h = max(a
   differentiated). The gate's gradient ``λ m_h`` works at every n, and is largest when the mask is full.
   Once ``a_h`` drops to 0 the head's branch is exactly zero and stays so (``max`` passes no gradient there).
 - ``s`` (``branch_scale``, a buffer kept in the state dict) is a schedule the training loop sets: it falls
-  from 1 to 0 by a chosen share of training, after which the loop switches to the inference form and the
-  rest of training trains the deployed model. So every mask ends empty, at any n.
+  from 1 to 0 by a chosen share of training; from then on the branch adds exactly nothing and the rest of
+  training trains the deployed model's function. So every mask ends empty, at any n.
 
 Why not a penalty on ``P`` itself (``mean(Sparse)``): a softmax row's largest weight is at least ``1/n``, so
 below ``n = 1/eps = 50`` tokens (Swin's 49-token windows, DVT's coarse exits) no penalty can empty ``P > eps``,
