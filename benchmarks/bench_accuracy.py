@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_accuracy                         # 8k images x 2 epochs each, ~15 min on 2 cores
     python -m benchmarks.bench_accuracy --train-images 4000 --epochs 1 --models vit_lsla_nano hier_msa_nano
+    python -m benchmarks.bench_accuracy --castling --train-images 3000  # Castling models and their softmax twins
 
 Each model is trained the way ``make demo`` trains it (``configs/tiny_cpu.yaml``: Ray Train, 2 gloo CPU
 workers, AdamW + cosine, label smoothing 0.1, the same seeded shards, batches and number of steps), with the
@@ -9,6 +10,11 @@ demo's method terms (Castling's mask regularisation). Its best checkpoint (by va
 evaluated on all 10,000 test images by ``pipeline.eval.evaluate`` (Castling in inference form; a DVT
 cascade by its last exit, and its budget curve). The table gives parameters and MACs (the project's
 counter), validation and test top-1, and the pipeline's training images/s (2 workers, wall clock).
+
+``--castling`` trains the three Castling models (plain, windowed, DVT cascade) and their softmax twins, and
+adds a table of the branch's fate: the last validation top-1 of the training form (``val_train_form/top1``,
+logged while the branch exists) against the deployed form's at that epoch (``val/top1``), the mask density
+per epoch, and the deployed model's test top-1 against its twin's.
 
 Runs land in a local MLflow store under ``--work-dir`` (browse them with ``mlflow ui``). Needs the Debian
 package dataset-fashion-mnist.
@@ -25,6 +31,9 @@ from pathlib import Path
 from pipeline.demo import MODELS, Profile, build_demo_shards, train_models
 
 REPO = Path(__file__).resolve().parent.parent
+# each Castling model with its softmax twin (same backbone and size)
+CASTLING_TWINS = {"castling_vit_nano": "vit_msa_nano", "castling_swin_nano": "hier_msa_nano",
+                  "dvt_castling_nano": "dvt_vit_nano"}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -32,8 +41,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--train-images", type=int, default=8_000, help="training images drawn from the 60k "
                         "(a tenth of them is held out for validation)")  # fmt: skip
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--models", nargs="+", default=[name for name, _, _ in MODELS],
-                        choices=[name for name, _, _ in MODELS])  # fmt: skip
+    parser.add_argument("--models", nargs="+", default=None, choices=sorted({name for name, _, _ in MODELS} |
+                        set(CASTLING_TWINS) | set(CASTLING_TWINS.values())))  # fmt: skip
+    parser.add_argument("--castling", action="store_true", help="the Castling models and their twins (see above)")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/vitpipe-bench-accuracy"))
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
@@ -51,7 +61,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     work.mkdir(parents=True, exist_ok=True)
     tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
     data_dir = build_demo_shards(work / "shards", profile)
-    models = [m for m in MODELS if m[0] in args.models]
+    names = args.models or ([n for pair in CASTLING_TWINS.items() for n in pair] if args.castling
+                            else [name for name, _, _ in MODELS])  # fmt: skip
+    models = [(name, {}, {}) for name in names]
     wall = time.perf_counter()
     ray.init(num_cpus=max(os.cpu_count() or 2, 3))  # as the demo starts it
     try:  # new=True: a benchmark measures a whole run, never a resumed one
@@ -84,10 +96,54 @@ def main(argv: list[str] | None = None) -> list[dict]:
             b = r["dvt_budget"]
             print(f"{'':<20} early exit within 0.2 points of the last exit: q={b['q']:.2f}, top-1 {b['top1']:.2f}%, "
                   f"{b['mean_gmacs'] * 1e3:.2f} MMACs on average")
+    castling_rows = _castling_table(rows, tracking_uri)
     print(f"total wall {time.perf_counter() - wall:.0f}s; runs in {tracking_uri}")
     if args.json:
-        args.json.write_text(json.dumps(dict(train_images=args.train_images, epochs=args.epochs, rows=rows), indent=2))
+        args.json.write_text(json.dumps(dict(train_images=args.train_images, epochs=args.epochs, rows=rows,
+                                             castling=castling_rows), indent=2))  # fmt: skip
     return rows
+
+
+def _castling_table(rows: list[dict], tracking_uri: str) -> list[dict]:
+    """The branch's fate for every Castling model trained, read back from its MLflow run; printed as a table."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    by_model = {r["model"]: r for r in rows}
+    table = []
+    for name, twin in CASTLING_TWINS.items():
+        if name not in by_model:
+            continue
+        run_id = by_model[name]["run_id"]
+
+        def history(key, run_id=run_id):
+            return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+        training_form, deployed, density = history("val_train_form/top1"), history("val/top1"), \
+            history("castling/mask_density_mean")  # fmt: skip
+        last = max(training_form) if training_form else None
+        artifacts = {a.path for a in client.list_artifacts(run_id)}
+        table.append({
+            "model": name, "twin": twin, "test_top1": by_model[name]["test_top1"],
+            "twin_test_top1": by_model[twin]["test_top1"] if twin in by_model else None,
+            "train_form_epoch": last, "train_form_val_top1": None if last is None else training_form[last],
+            "deployed_val_top1_then": None if last is None else deployed[last],
+            "mask_density_by_epoch": [density[e] for e in sorted(density)],
+            "density_plot_logged": "castling_mask_density.png" in artifacts,
+        })  # fmt: skip
+    if table:
+        print("\nCastling: the deployed (inference) form against the training form and the softmax twin")
+        print(f"{'model':<20} {'test %':>7} {'twin':<14} {'twin %':>7} {'vs twin':>8} {'train-form val % (epoch)':>25} "
+              f"{'deployed val %':>15} {'mask density by epoch'}")  # fmt: skip
+        for t in table:
+            twin_top1 = t["twin_test_top1"]
+            gap = "" if twin_top1 is None else f"{t['test_top1'] - twin_top1:+.2f}"
+            then = "" if t["train_form_epoch"] is None else f"{t['train_form_val_top1']:.2f} ({t['train_form_epoch']})"
+            deployed = "" if t["deployed_val_top1_then"] is None else f"{t['deployed_val_top1_then']:.2f}"
+            densities = " ".join(f"{d:.3f}" for d in t["mask_density_by_epoch"])
+            print(f"{t['model']:<20} {t['test_top1']:>7.2f} {t['twin']:<14} "
+                  f"{'' if twin_top1 is None else f'{twin_top1:.2f}':>7} {gap:>8} {then:>25} {deployed:>15} {densities}")
+    return table
 
 
 if __name__ == "__main__":
