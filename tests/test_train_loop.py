@@ -461,7 +461,7 @@ def test_castling_training_ends_with_every_mask_empty_and_validates_the_deployed
     """A real run on the digits with the default regulariser: the branch closes on schedule, the last
     checkpoint's training form equals its inference form, and val/* is the inference form throughout."""
     import pipeline.train.loop as loop
-    from pipeline.models.layers.castling import castling_modules
+    from pipeline.models.layers.castling import castling_modules, inference_form
     from pipeline.train.build import build_model
 
     saved = []
@@ -490,13 +490,15 @@ def test_castling_training_ends_with_every_mask_empty_and_validates_the_deployed
     model.load_state_dict(torch.load(saved[-1], weights_only=True)["model"])
     assert all(float(m.gate().detach().abs().max()) == 0.0 for _, m in castling_modules(model))  # every mask empty
     model.eval()
+    val_images = next(loop._real_rows(loop._loader(config, CPU, "val", train=False, world=False)))[0]
     size = config.data.img_size
-    images = torch.randn(8, 1, size, size)
-    with torch.no_grad():
-        training_form = model(images)
-        deployed = model.switch_to_inference()(images)
-    for got, want in zip(*(o if isinstance(o, list) else [o] for o in (deployed, training_form))):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    for images in (val_images, torch.randn(8, 1, size, size)):  # a validation batch, and images unlike any seen
+        with torch.no_grad():
+            training_form = model(images)
+            with inference_form(model):
+                deployed = model(images)
+        for got, want in zip(*(o if isinstance(o, list) else [o] for o in (deployed, training_form))):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
 def test_castling_run_without_the_schedule_warns_and_tags_open_masks(tiny_config):

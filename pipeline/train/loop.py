@@ -396,6 +396,7 @@ class _CastlingGates:
         self.state, self.config, self.d, self.total_updates = state, config, d, total_updates
         self.layers = castling_modules(state.model)
         self.density_sum = torch.zeros(len(self.layers), device=d.device)
+        self.no_density = torch.zeros((), device=d.device)  # a layer that recorded none (inference form)
         self.steps = 0
 
     def progress(self) -> float:
@@ -415,9 +416,7 @@ class _CastlingGates:
 
     def after_step(self) -> None:
         recorded = [m.last_mask_density for _, m in self.layers]
-        if all(r is None for r in recorded):  # switched: the masks are empty
-            recorded = [torch.zeros((), device=self.d.device)] * len(self.layers)
-        self.density_sum += torch.stack([torch.zeros((), device=self.d.device) if r is None else r for r in recorded])
+        self.density_sum += torch.stack([self.no_density if r is None else r for r in recorded])
         self.steps += 1
 
     def epoch_densities(self) -> dict[str, float]:
@@ -565,14 +564,13 @@ def _check_branches_closed(model: nn.Module, logger) -> None:
     inference form then differs from the trained model."""
     import warnings
 
-    from pipeline.models.layers.castling import open_branches
+    from pipeline.models.layers.castling import describe_open_branches
 
-    still_open = open_branches(model)
-    if not still_open:
+    listed = describe_open_branches(model)
+    if not listed:
         return
-    listed = ", ".join(f"{name} ({density:.3f})" for name, density in still_open.items())
-    warnings.warn(f"Castling: masks not empty after training in {len(still_open)} layer(s), mask density "
-                  f"{listed}; set method.castling.branch_off_at (or a larger mask_reg_strength)", stacklevel=2)  # fmt: skip
+    warnings.warn(f"Castling: masks not empty after training in {listed}; set method.castling.branch_off_at "
+                  "(or a larger mask_reg_strength)", stacklevel=2)  # fmt: skip
     if logger is not None:
         logger.tags({"vitpipe.castling_open_masks": listed[:5000]})
 
@@ -629,7 +627,7 @@ def _validate(state: State, loader, d: Dist, config: TrainConfig, castling: bool
     While a Castling model's branch is still open (schedule above 0), the training form is reported too
     (``val_train_form/*``).
     """
-    from pipeline.models.layers.castling import inference_form
+    from pipeline.models.layers.castling import castling_modules, inference_form
 
     metrics = {}
     with inference_form(state.model) if castling else contextlib.nullcontext():
@@ -638,16 +636,10 @@ def _validate(state: State, loader, d: Dist, config: TrainConfig, castling: bool
         with inference_form(state.ema.module) if castling else contextlib.nullcontext():
             metrics.update({f"val_ema/{k}": v for k, v in evaluate(state.evaluated(ema=True), loader, d,
                                                                    config).items()})  # fmt: skip
-    if castling and any(m.sparse_branch and float(m.branch_scale) > 0 for _, m in _castling_layers(state.model)):
+    if castling and any(m.sparse_branch and float(m.branch_scale) > 0 for _, m in castling_modules(state.model)):
         training_form = evaluate(state.evaluated(), loader, d, config)
         metrics.update({f"val_train_form/{k}": training_form[k] for k in ("loss", "top1")})
     return metrics
-
-
-def _castling_layers(model: nn.Module):
-    from pipeline.models.layers.castling import castling_modules
-
-    return castling_modules(model)
 
 
 def _report(state: State, config: TrainConfig, d: Dist, metrics: dict[str, float], logger) -> None:

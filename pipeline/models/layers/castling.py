@@ -51,6 +51,7 @@ __all__ = [
     "switch_to_inference",
     "inference_form",
     "open_branches",
+    "describe_open_branches",
     "set_branch_scale",
     "branch_scale_at",
     "castling_modules",
@@ -351,6 +352,15 @@ def open_branches(model: nn.Module) -> dict[str, float]:
     return {name: float(m.last_mask_density) for name, m in castling_modules(model) if m.branch_open()}
 
 
+def describe_open_branches(model: nn.Module) -> str:
+    """``"2 layer(s): blocks.0.attn (density 0.061), ..."`` for the open branches, ``""`` when none is open."""
+    still_open = open_branches(model)
+    if not still_open:
+        return ""
+    listed = ", ".join(f"{name} (density {density:.3f})" for name, density in still_open.items())
+    return f"{len(still_open)} layer(s): {listed}"
+
+
 def switch_to_inference(model: nn.Module, warn: bool = True) -> nn.Module:
     """Turn every Castling attention of ``model`` into its inference form; returns ``model``.
 
@@ -358,11 +368,10 @@ def switch_to_inference(model: nn.Module, warn: bool = True) -> nn.Module:
     and buffers are untouched, so the state dict is the same before and after. Train/eval mode is left
     as it is. With ``warn``, a branch that was still open (its output changes) is named in a warning.
     """
-    still_open = open_branches(model) if warn else {}
-    if still_open:
-        listed = ", ".join(f"{name} (density {d:.3f})" for name, d in still_open.items())
-        warnings.warn(f"Castling: switching to the inference form with masks not empty in {len(still_open)} "
-                      f"layer(s): {listed}; the deployed model differs from the trained one", stacklevel=2)  # fmt: skip
+    listed = describe_open_branches(model) if warn else ""
+    if listed:
+        warnings.warn(f"Castling: switching to the inference form with masks not empty in {listed}; the deployed "
+                      "model differs from the trained one", stacklevel=2)  # fmt: skip
     for _, module in castling_modules(model):
         module.switch_to_inference()
     return model
