@@ -42,8 +42,10 @@ def no_stray_store(tmp_path, monkeypatch):
 def val_batches(config, split: str = "val"):
     from pipeline.data.reader import build_loader
     from pipeline.data.transforms import build_transform
+    from pipeline.train.build import eval_crop_pct
 
-    transform = build_transform(config.data.img_size, train=False, in_chans=config.data.in_chans)
+    transform = build_transform(config.data.img_size, train=False, in_chans=config.data.in_chans,
+                                crop_pct=eval_crop_pct(config))  # fmt: skip
     return build_loader(getattr(config.data, split) or str(Path(config.data.val).parent / split), batch_size=64,
                         train=False, transform=transform, num_workers=0)  # fmt: skip
 
@@ -71,10 +73,13 @@ def write_checkpoint(config, run_dir: Path, *, epochs_done: int, steps: int, run
     from pipeline.data.reader import build_loader
     from pipeline.data.transforms import build_transform
 
+    from pipeline.train.build import eval_crop_pct
+
     torch.manual_seed(config.optim.seed)
     model = build_model(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr)
-    transform = build_transform(config.data.img_size, train=False, in_chans=config.data.in_chans)
+    transform = build_transform(config.data.img_size, train=False, in_chans=config.data.in_chans,
+                                crop_pct=eval_crop_pct(config))  # fmt: skip
     batches = iter(build_loader(config.data.train, batch_size=32, train=True, transform=transform, num_workers=0))
     model.train()
     for _ in range(steps):

@@ -41,9 +41,11 @@ def _top1_single_process(model, config) -> float:
     """Top-1 (%) over the whole val split in one process: the reference for the ranks' reduced value."""
     from pipeline.data.reader import build_loader
     from pipeline.data.transforms import build_transform
+    from pipeline.train.build import eval_crop_pct
 
-    loader = build_loader(config.data.val, batch_size=50, train=False, num_workers=0,
-                          transform=build_transform(config.data.img_size, train=False, in_chans=config.data.in_chans))
+    transform = build_transform(config.data.img_size, train=False, in_chans=config.data.in_chans,
+                                crop_pct=eval_crop_pct(config))  # fmt: skip
+    loader = build_loader(config.data.val, batch_size=50, train=False, num_workers=0, transform=transform)
     correct = total = 0
     for images, labels in loader:
         keep = labels >= 0

@@ -67,8 +67,10 @@ def resolve_split(shards: str | os.PathLike, split: str):
 def _batches(config, manifest, *, batch_size: int, loader_workers: int):
     from pipeline.data.reader import build_loader
     from pipeline.data.transforms import build_transform
+    from pipeline.train.build import eval_crop_pct
 
-    transform = build_transform(config.data.img_size, train=False, in_chans=config.data.in_chans)
+    transform = build_transform(config.data.img_size, train=False, in_chans=config.data.in_chans,
+                                crop_pct=eval_crop_pct(config))  # fmt: skip
     return build_loader(manifest, batch_size=batch_size, train=False, transform=transform, num_workers=loader_workers)
 
 

@@ -61,6 +61,21 @@ def build_model(config: TrainConfig) -> nn.Module:
         raise ConfigError(f"model.kwargs: {config.model.name} rejects them ({err})") from None
 
 
+def eval_crop_pct(config: TrainConfig) -> float:
+    """Evaluation's centre-crop share: ``data.crop_pct``, else the model's (timm ``pretrained_cfg``), else timm's.
+
+    Read from the config, not from a model at hand: a model loaded from the registry may be an exported
+    program without a ``pretrained_cfg``.
+    """
+    from timm.data import DEFAULT_CROP_PCT
+
+    if config.data.crop_pct is not None:
+        return config.data.crop_pct
+    with torch.device("meta"):  # the architecture alone: no weights are allocated
+        cfg = getattr(build_model(config), "pretrained_cfg", None) or {}
+    return float(cfg.get("crop_pct") or DEFAULT_CROP_PCT)
+
+
 def has_castling(model: nn.Module) -> bool:
     try:
         from pipeline.models.layers.castling import castling_modules
