@@ -15,16 +15,27 @@ that exists is resumed (``--new`` starts every run and sweep over).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 REPO = Path(__file__).resolve().parent.parent
+
+
+# The quick profile's trades, each measured on Fashion-MNIST with the model's own size as the reference (2 CPU
+# threads, one epoch of 54,000 images): the plain ViTs at 16 tokens (8x8 patches), depth 4, D=96 train 6-9x
+# faster than at 64 tokens, depth 6, D=128 and reach 80-81% after one epoch instead of 75% after two at depth
+# 2; the DVT cascade, coarse grids 2/3/4 and depth 2 per exit, 5x faster than 4/6/8 at depth 2. The
+# hierarchical nanos keep their size: they reach 86% after one epoch as they are.
+_PLAIN_QUICK = {"patch_size": 8, "depth": 4, "embed_dim": 96, "num_heads": 3}
+_DVT_QUICK = {"grids": [2, 3, 4], "depth": 2, "embed_dim": 96, "num_heads": 3}
 
 
 @dataclass(frozen=True)
@@ -36,25 +47,43 @@ class Profile:
     epochs: int
     sweep_trials: int
     sweep_epochs: int
-    batch_size: int = 128  # per worker
+    batch_size: int = 64  # per worker
     # Trials at once, each with this many workers. Quick: all trials together on one worker each, so their
     # Ray Train start-ups (~15 s each) overlap instead of adding up; full: one 2-worker trial at a time.
     sweep_concurrency: int = 1
     sweep_workers: int = 2
-    # Blocks of the plain (DeiT-style) ViTs, each DVT exit included; None: the model's own (6 for the nanos).
-    # Each block costs more than a whole hierarchical nano. Quick trains them at depth 2: 5.8 min in all
-    # instead of 7.0-7.6 at depth 4, with the same validation accuracy after its 2 epochs (29-31%).
-    vit_depth: int | None = None
+    # model.kwargs by model name, over the model's own defaults (see _PLAIN_QUICK).
+    model_kwargs: dict[str, dict] = field(default_factory=dict)
+    # Epochs by model name, over ``epochs``: the plain ViTs need about twice the images the hierarchical
+    # models need for the same accuracy (their twins get the same).
+    model_epochs: dict[str, int] = field(default_factory=dict)
+    # data.* / optim.* overrides for every run. Quick: light augmentation (crops of 80-100% of the image,
+    # flips, no colour jitter): two epochs are too few to profit from more.
+    overrides: dict[str, Any] = field(default_factory=dict)
+    # The sweeps search only the method's own knobs (LSLA's scale and bias sharing, Castling's regulariser),
+    # at the recipe's learning rate; False: the whole space file (learning rate, weight decay, drop path too).
+    sweep_method_knobs_only: bool = False
     # The final model of each training run as an MLflow model (torch.export, ~5 s each); the registered
     # champions are logged either way.
     log_models: bool = True
+    # Test top-1 (%) every trained and registered model must reach, and the best of them: below, the demo
+    # exits non-zero naming the model (a regression shows). None: not checked.
+    floor_top1: float | None = None
+    best_floor_top1: float | None = None
 
 
 PROFILES = {
-    # A tenth of the training images is held out for validation. Small batches: more steps in 2 epochs.
-    "quick": Profile(train_images=3_000, test_images=1_000, epochs=2, sweep_trials=3, sweep_epochs=2, batch_size=64,
-                     sweep_concurrency=3, sweep_workers=1, vit_depth=2, log_models=False),  # fmt: skip
-    "full": Profile(train_images=None, test_images=None, epochs=10, sweep_trials=8, sweep_epochs=6),
+    # All of Fashion-MNIST (a tenth of the training images held out for validation): one epoch for the
+    # hierarchical models, two for the plain ViTs; 2-trial sweeps of one epoch. Loader work in the training
+    # process: on 2 cores a loader process per worker slows training by a fifth.
+    "quick": Profile(train_images=None, test_images=None, epochs=1, sweep_trials=2, sweep_epochs=1,
+                     sweep_concurrency=2, sweep_workers=1, log_models=False, sweep_method_knobs_only=True,
+                     model_kwargs={"castling_vit_nano": _PLAIN_QUICK, "vit_msa_nano": _PLAIN_QUICK,
+                                   "dvt_vit_nano": _DVT_QUICK},
+                     model_epochs={"castling_vit_nano": 2, "vit_msa_nano": 2, "dvt_vit_nano": 2},
+                     overrides={"data.crop_scale": [0.8, 1.0], "data.color_jitter": 0.0, "data.loader_workers": 0},
+                     floor_top1=80.0, best_floor_top1=84.0),  # fmt: skip
+    "full": Profile(train_images=None, test_images=None, epochs=10, sweep_trials=8, sweep_epochs=6, batch_size=128),
 }
 
 # (registered name, model kwargs, method overrides): each family with its softmax twin.
@@ -66,19 +95,17 @@ MODELS = [
     ("dvt_vit_nano", {}, {}),
 ]
 
-PLAIN_VITS = ("castling_vit_nano", "vit_msa_nano", "dvt_vit_nano")  # Profile.vit_depth applies to these
-
 
 def _model_kwargs(name: str, kwargs: dict, profile: Profile) -> dict:
-    if profile.vit_depth is not None and name in PLAIN_VITS:
-        return {"depth": profile.vit_depth, **kwargs}
-    return kwargs
+    return {**profile.model_kwargs.get(name, {}), **kwargs}
 
 
-# (space file, model the sweep trains, extra overrides)
+# (space file, model the sweep trains, extra overrides, the method's own knobs in that space)
 SWEEPS = [
-    ("tune_spaces/lsla.yaml", "vit_lsla_nano", {}),
-    ("tune_spaces/castling.yaml", "castling_vit_nano", {}),
+    ("tune_spaces/lsla.yaml", "vit_lsla_nano", {},
+     ("model.kwargs.attn_kwargs.ds_init", "model.kwargs.attn_kwargs.ds_init_unit", "model.kwargs.attn_kwargs.bias_sharing")),
+    ("tune_spaces/castling.yaml", "castling_vit_nano", {},
+     ("method.castling.mask_reg_strength", "method.castling.branch_off_at")),
 ]
 
 
@@ -116,7 +143,7 @@ def build_demo_shards(out_dir: Path, profile: Profile, source: Path = FASHION_MN
     return out_dir
 
 
-def _common_overrides(data_dir: Path, work: Path, tracking_uri: str, epochs: int, batch_size: int,
+def _common_overrides(data_dir: Path, work: Path, tracking_uri: str, profile: Profile, epochs: int,
                       log_models: bool) -> dict:  # fmt: skip
     return {
         "data.train": str(data_dir / "train"),
@@ -126,10 +153,11 @@ def _common_overrides(data_dir: Path, work: Path, tracking_uri: str, epochs: int
         "mlflow.tracking_uri": tracking_uri,
         "mlflow.experiment": "vitpipe-demo",
         "optim.epochs": epochs,
-        "data.batch_size": batch_size,
+        "data.batch_size": profile.batch_size,
         "mlflow.log_model": log_models,
         "optim.warmup_epochs": 0,
         "model.kwargs": {},
+        **profile.overrides,
     }
 
 
@@ -140,12 +168,13 @@ def train_models(config_path: Path, data_dir: Path, work: Path, tracking_uri: st
 
     rows = []
     for name, kwargs, method in models:
-        common = _common_overrides(data_dir, work, tracking_uri, profile.epochs, profile.batch_size, profile.log_models)
+        epochs = profile.model_epochs.get(name, profile.epochs)
+        common = _common_overrides(data_dir, work, tracking_uri, profile, epochs, profile.log_models)
         kwargs = _model_kwargs(name, kwargs, profile)
         overrides = {**common, "model.name": name, "model.kwargs": kwargs, "run_name": f"demo-{name}", **method}
         config = prepare(config_path, overrides)
         size = "".join(f"{k} {v}, " for k, v in kwargs.items())
-        print(f"\n[demo] === training {name} ({size}{profile.epochs} epochs, {config.scaling.num_workers} workers) ===")
+        print(f"\n[demo] === training {name} ({size}{epochs} epoch(s), {config.scaling.num_workers} workers) ===")
         start = time.perf_counter()
         summary = train(config, new=new)
         rows.append({"model": name, **_run_metrics(tracking_uri, summary["mlflow_run_id"]),
@@ -169,21 +198,24 @@ def _run_metrics(tracking_uri: str, run_id: str) -> dict:
         "params_m": float(params.get("model.params", "nan")) / 1e6,
         "gmacs": float(params.get("model.macs", "nan")) / 1e9,
         "val_top1": pick("val/top1"),  # the last epoch
+        "test_top1": pick("test/top1"),  # the best checkpoint, deployed form
         "images_per_s": pick("train/images_per_s"),
     }
 
 
 def run_sweeps(config_path: Path, data_dir: Path, work: Path, tracking_uri: str, profile: Profile,
-               new: bool) -> list:  # fmt: skip
+               new: bool, quiet: bool = True) -> list:  # fmt: skip
     from pipeline.train.launcher import prepare
     from pipeline.tune.space import load_space
     from pipeline.tune.sweep import run_sweep
 
     results = []
-    for space_path, model, extra in SWEEPS:
+    for space_path, model, extra, method_knobs in SWEEPS:
         space = load_space(REPO / space_path).with_overrides(num_samples=profile.sweep_trials)
+        if profile.sweep_method_knobs_only:
+            space = space.restricted_to(method_knobs)
         # the sweep registers its champion from the best checkpoint: no per-trial model export
-        common = _common_overrides(data_dir, work, tracking_uri, profile.sweep_epochs, profile.batch_size, False)
+        common = _common_overrides(data_dir, work, tracking_uri, profile, profile.sweep_epochs, False)
         overrides = {**common, "model.name": model, "model.kwargs": _model_kwargs(model, {}, profile),
                      "run_name": f"demo-sweep-{model}", "scaling.num_workers": profile.sweep_workers,
                      **extra}  # fmt: skip
@@ -191,9 +223,8 @@ def run_sweeps(config_path: Path, data_dir: Path, work: Path, tracking_uri: str,
         print(f"\n[demo] === sweep {space_path} on {model}: {profile.sweep_trials} trials x "
               f"{profile.sweep_epochs} epochs ===")  # fmt: skip
         result = run_sweep(space, config, new=new, register=True, model_name=f"demo-{model}",
-                           max_concurrent=profile.sweep_concurrency)  # fmt: skip
-        print(result.table())
-        results.append(result)
+                           max_concurrent=profile.sweep_concurrency, quiet=quiet)  # fmt: skip
+        results.append(result)  # run_sweep printed its table
     return results
 
 
@@ -223,14 +254,18 @@ def _knobs(values: dict) -> str:
 
 
 def print_results(rows: list[dict], sweeps: list, evaluations: list, tracking_uri: str) -> None:
-    print("\n[demo] === results (Fashion-MNIST, validation split) ===")
+    print("\n[demo] === results (Fashion-MNIST; test: the best checkpoint, deployed form) ===")
     # run s: the whole run as the driver saw it, Ray Train's start-up and the model export included
-    print(f"{'model':<20} {'params (M)':>10} {'MMACs':>8} {'val top-1 %':>12} {'train img/s':>12} {'run s':>6}")
+    print(f"{'model':<20} {'params (M)':>10} {'MMACs':>8} {'val top-1 %':>12} {'test top-1 %':>12} "
+          f"{'train img/s':>12} {'run s':>6}")  # fmt: skip
+
+    def percent(value):
+        return "-" if value is None else f"{value:.2f}"
+
     for r in rows:
-        top1 = f"{r['val_top1']:.2f}" if r["val_top1"] is not None else "-"
         speed = f"{r['images_per_s']:.0f}" if r["images_per_s"] is not None else "-"
-        print(f"{r['model']:<20} {r['params_m']:>10.3f} {r['gmacs'] * 1e3:>8.2f} {top1:>12} {speed:>12} "
-              f"{r['wall_s']:>6.0f}")  # fmt: skip
+        print(f"{r['model']:<20} {r['params_m']:>10.3f} {r['gmacs'] * 1e3:>8.2f} {percent(r['val_top1']):>12} "
+              f"{percent(r['test_top1']):>12} {speed:>12} {r['wall_s']:>6.0f}")  # fmt: skip
     for result in sweeps:
         if result.best is not None:
             print(f"sweep {result.name}: best {result.metric} = {result.best.best:.2f} ({_knobs(result.best.values)})")
@@ -249,12 +284,30 @@ def print_results(rows: list[dict], sweeps: list, evaluations: list, tracking_ur
     print(f"\n[demo] browse everything:  .venv/bin/mlflow ui --backend-store-uri {tracking_uri} --port 5000")
 
 
+def below_floors(rows: list[dict], evaluations: list, profile: Profile) -> list[str]:
+    """What missed the profile's accuracy floors (test top-1), one line each; empty when all is well."""
+    if profile.floor_top1 is None:
+        return []
+    scores = {f"{r['model']} (trained)": r["test_top1"] for r in rows}
+    scores.update({f"{promotion.uri} (registered)": report.metrics["top1"] for promotion, report, _ in evaluations})
+    missed = [f"{name}: test top-1 {'not measured' if top1 is None else f'{top1:.2f}%'} < {profile.floor_top1:g}%"
+              for name, top1 in scores.items() if top1 is None or top1 < profile.floor_top1]  # fmt: skip
+    best = max((top1 for top1 in scores.values() if top1 is not None), default=None)
+    if profile.best_floor_top1 is not None and (best is None or best < profile.best_floor_top1):
+        missed.append(f"the best test top-1 is {'not measured' if best is None else f'{best:.2f}%'} "
+                      f"< {profile.best_floor_top1:g}%")  # fmt: skip
+    return missed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="profile", action="store_const", const="quick",
-                      help="3,000 training images, 2 epochs, 3-trial sweeps: 6-10 min on 2 idle cores (default)")
+                      help="40,000 training images x 2 epochs; the plain ViTs at 16 tokens (8x8 patches), depth 4, "
+                      "D=96 and the DVT cascade at grids 2/3/4, depth 2 (the hierarchical models as they are); "
+                      "light augmentation; 2-trial sweeps of the methods' own knobs; every model must reach "
+                      "80%% test top-1, the best 84%%; 14-17 min on 2 idle cores (default)")
     size.add_argument("--full", dest="profile", action="store_const", const="full",
                       help="all of Fashion-MNIST, 10 epochs, 8-trial sweeps")
     parser.set_defaults(profile="quick")
@@ -262,12 +315,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(REPO / "configs" / "tiny_cpu.yaml"), help="the base training config")
     parser.add_argument("--skip-sweeps", action="store_true", help="train and evaluate only")
     parser.add_argument("--new", action="store_true", help="start every run and sweep over")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's and MLflow's own log lines and Tune's "
+                        "status tables, and a progress line every 50 steps (default: a line per epoch and trial)")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if args.verbose:
+        os.environ["VITPIPE_VERBOSE"] = "1"  # read by the training loop in every worker
+    else:  # set before Ray starts, so that its workers inherit them
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        # Tune's reporter at verbosity 0; the default one still prints each sweep's settings box and paths.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     profile = PROFILES[args.profile]
+    if not args.verbose:
+        profile = replace(profile, overrides={**profile.overrides, "log_every": 10_000})  # the epochs' lines only
     work = Path(args.work_dir).resolve() / args.profile
     work.mkdir(parents=True, exist_ok=True)
     tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
@@ -286,12 +349,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # Logical CPUs for 2 workers + the train controller, and for the concurrent sweep trials (each its
     # workers + its trial actor). With the dashboard: Ray Train's placement-group cleaner polls its state API.
-    ray.init(num_cpus=max(os.cpu_count() or 2, 3, profile.sweep_concurrency * (profile.sweep_workers + 1)))
+    ray.init(num_cpus=max(os.cpu_count() or 2, 3, profile.sweep_concurrency * (profile.sweep_workers + 1)),
+             logging_level=logging.INFO if args.verbose else logging.WARNING)  # fmt: skip
     lap("Ray start")
     try:
         rows = train_models(config_path, data_dir, work, tracking_uri, profile, args.new)
         lap("training")
-        sweeps = [] if args.skip_sweeps else run_sweeps(config_path, data_dir, work, tracking_uri, profile, args.new)
+        sweeps = [] if args.skip_sweeps else run_sweeps(config_path, data_dir, work, tracking_uri, profile, args.new,
+                                                        quiet=not args.verbose)
         lap("sweeps")
     finally:
         ray.shutdown()
@@ -301,6 +366,14 @@ def main(argv: list[str] | None = None) -> int:
     print_results(rows, sweeps, evaluations, tracking_uri)
     print(f"[demo] done in {(time.perf_counter() - start) / 60:.1f} min: "
           + ", ".join(f"{phase} {seconds:.0f} s" for phase, seconds in phases.items()))  # fmt: skip
+    missed = below_floors(rows, evaluations, profile)
+    if missed:
+        print(f"[demo] FAILED: below the {args.profile} profile's accuracy floors (a regression):\n  "
+              + "\n  ".join(missed), file=sys.stderr)  # fmt: skip
+        return 1
+    if profile.floor_top1 is not None:
+        print(f"[demo] every model reached the floors: test top-1 >= {profile.floor_top1:g}%, "
+              f"the best >= {profile.best_floor_top1:g}%")  # fmt: skip
     return 0
 
 

@@ -13,7 +13,9 @@ The loop also runs without Ray workers: with ``ScalingConfig(num_workers=0)`` in
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import os
 import random
 import sys
 import tempfile
@@ -78,6 +80,19 @@ def _progress(message: str) -> None:
     # patches print() into a logger that echoes once more when a library has wrapped sys.stdout (MLflow
     # does); writing to the process's own stdout prints each line once, with or without Ray.
     print(f"[vitpipe] {message}", file=sys.__stdout__, flush=True)
+
+
+def _quiet_libraries() -> None:
+    """Keep the workers' terminal to the loop's progress lines, unless ``VITPIPE_VERBOSE`` is set.
+
+    Ray Train logs every report (the whole metrics dict, once per rank) at INFO through a logger named after
+    its file, which its ``LoggingConfig`` does not reach; MLflow logs its system-metrics monitor's start and
+    stop at INFO. Warnings and errors still show.
+    """
+    if os.environ.get("VITPIPE_VERBOSE"):
+        return
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 def _format_eta(seconds: float) -> str:
@@ -367,7 +382,7 @@ def train_one_epoch(
             epoch_loss += summed
             window_loss.zero_()
             window_start, window_updates = now, 0
-            if d.rank == 0:
+            if d.rank == 0 and i != steps - 1:  # the epoch's own line follows its last step
                 left = total_updates - state.global_step
                 rate = images_seen * d.world_size / (now - start)
                 lr = state.optimizer.param_groups[0]["lr"]
@@ -506,6 +521,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
 
+    _quiet_libraries()
     config = TrainConfig.from_dict(loop_config["config"])
     run_id = loop_config.get("mlflow_run_id")
     context = ray.train.get_context()

@@ -30,6 +30,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,14 @@ class SearchSpace:
         space = SearchSpace(**data)
         _check_settings(space)
         return space
+
+    def restricted_to(self, keys: Sequence[str]) -> SearchSpace:
+        """The space over ``keys`` alone; the other parameters keep the training config's values."""
+        missing = [key for key in keys if key not in self.parameters]
+        if missing:
+            raise SpaceError(f"{self.source}: no parameter(s) {', '.join(missing)} to search")
+        data = dict(self.__dict__, parameters={key: self.parameters[key] for key in keys})
+        return SearchSpace(**data)
 
     def param_space(self) -> dict[str, Any]:
         """Tune's ``param_space``: flat, keyed by the dotted config keys. ``grid`` search turns choices into grids."""

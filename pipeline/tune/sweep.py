@@ -425,6 +425,7 @@ def run_sweep(
     trial_retries: int = 0,
     retry_errored: bool = False,
     callbacks: list | None = None,
+    quiet: bool = False,
 ) -> SweepResult:
     """Run (or resume) a sweep to the end; see the module docstring.
 
@@ -432,6 +433,7 @@ def run_sweep(
     sweep's directory under ``config.storage_path`` (default ``<run_name>-<space file stem>``).
     ``trial_retries``: Tune restarts a trial whose actor died this many times (it resumes from its last
     checkpoint); ``retry_errored``: on resume, run errored trials again. ``callbacks``: extra Tune callbacks.
+    ``quiet``: no Tune status tables (each trial's own progress lines still show).
     """
     from mlflow.tracking import MlflowClient
 
@@ -468,6 +470,10 @@ def run_sweep(
 
     setup = TrialSetup(base=base.to_dict(), parent_run_id=parent_run_id, sweep_name=name, train_storage=f"{path}/trials",
                        facts=facts)  # fmt: skip
+    if quiet and space.search == "optuna":
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory" each sweep
     trainable = tune.with_parameters(run_trial, setup=setup)
     if resuming:
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=retry_errored)
@@ -482,7 +488,8 @@ def run_sweep(
                 trial_dirname_creator=_trial_dirname,
             ),
             run_config=tune.RunConfig(name=name, storage_path=base.storage_path, callbacks=callbacks,
-                                      failure_config=tune.FailureConfig(max_failures=trial_retries)),
+                                      failure_config=tune.FailureConfig(max_failures=trial_retries),
+                                      verbose=0 if quiet else None),  # 0: no status tables, the trials' lines only
         )  # fmt: skip
     try:
         results = tuner.fit()
