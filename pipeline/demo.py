@@ -66,6 +66,9 @@ class Profile:
     # The final model of each training run as an MLflow model (torch.export, ~5 s each); the registered
     # champions are logged either way.
     log_models: bool = True
+    # Each model trained by its recipe, configs/fmnist_<model>.yaml (its epochs, batch, augmentation and
+    # optimiser; the sweeps with sweep_epochs), instead of the base config with the fields above.
+    recipes: bool = False
     # Test top-1 (%) every trained and registered model must reach, and the best of them: below, the demo
     # exits non-zero naming the model (a regression shows). None: not checked.
     floor_top1: float | None = None
@@ -83,7 +86,8 @@ PROFILES = {
                      model_epochs={"castling_vit_nano": 2, "vit_msa_nano": 2, "dvt_vit_nano": 2},
                      overrides={"data.crop_scale": [0.8, 1.0], "data.color_jitter": 0.0, "data.loader_workers": 0},
                      floor_top1=80.0, best_floor_top1=84.0),  # fmt: skip
-    "full": Profile(train_images=None, test_images=None, epochs=10, sweep_trials=8, sweep_epochs=6, batch_size=128),
+    # The recipes as they are (10 epochs each), 8-trial sweeps of 6 epochs over the whole space files.
+    "full": Profile(train_images=None, test_images=None, epochs=10, sweep_trials=8, sweep_epochs=6, recipes=True),
 }
 
 # (registered name, model kwargs, method overrides): each family with its softmax twin.
@@ -145,20 +149,24 @@ def build_demo_shards(out_dir: Path, profile: Profile, source: Path = FASHION_MN
 
 def _common_overrides(data_dir: Path, work: Path, tracking_uri: str, profile: Profile, epochs: int,
                       log_models: bool) -> dict:  # fmt: skip
-    return {
+    """Where a run reads and writes; with a recipe (full profile), nothing else: the recipe says the rest."""
+    where = {
         "data.train": str(data_dir / "train"),
         "data.val": str(data_dir / "val"),
         "data.test": str(data_dir / "test"),
         "storage_path": str(work / "runs"),
         "mlflow.tracking_uri": tracking_uri,
         "mlflow.experiment": "vitpipe-demo",
-        "optim.epochs": epochs,
-        "data.batch_size": profile.batch_size,
         "mlflow.log_model": log_models,
-        "optim.warmup_epochs": 0,
-        "model.kwargs": {},
-        **profile.overrides,
     }
+    if profile.recipes:
+        return {**where, **profile.overrides}
+    return {**where, "optim.epochs": epochs, "data.batch_size": profile.batch_size, "optim.warmup_epochs": 0,
+            "model.kwargs": {}, **profile.overrides}  # fmt: skip
+
+
+def _config_path(config_path: Path, model: str, profile: Profile) -> Path:
+    return REPO / "configs" / f"fmnist_{model}.yaml" if profile.recipes else config_path
 
 
 def train_models(config_path: Path, data_dir: Path, work: Path, tracking_uri: str, profile: Profile,
@@ -171,8 +179,11 @@ def train_models(config_path: Path, data_dir: Path, work: Path, tracking_uri: st
         epochs = profile.model_epochs.get(name, profile.epochs)
         common = _common_overrides(data_dir, work, tracking_uri, profile, epochs, profile.log_models)
         kwargs = _model_kwargs(name, kwargs, profile)
-        overrides = {**common, "model.name": name, "model.kwargs": kwargs, "run_name": f"demo-{name}", **method}
-        config = prepare(config_path, overrides)
+        overrides = {**common, "model.name": name, "run_name": f"demo-{name}", **method}
+        if kwargs or not profile.recipes:
+            overrides["model.kwargs"] = kwargs
+        config = prepare(_config_path(config_path, name, profile), overrides)
+        epochs = config.optim.epochs
         size = "".join(f"{k} {v}, " for k, v in kwargs.items())
         print(f"\n[demo] === training {name} ({size}{epochs} epoch(s), {config.scaling.num_workers} workers) ===")
         start = time.perf_counter()
@@ -216,10 +227,13 @@ def run_sweeps(config_path: Path, data_dir: Path, work: Path, tracking_uri: str,
             space = space.restricted_to(method_knobs)
         # the sweep registers its champion from the best checkpoint: no per-trial model export
         common = _common_overrides(data_dir, work, tracking_uri, profile, profile.sweep_epochs, False)
-        overrides = {**common, "model.name": model, "model.kwargs": _model_kwargs(model, {}, profile),
-                     "run_name": f"demo-sweep-{model}", "scaling.num_workers": profile.sweep_workers,
-                     **extra}  # fmt: skip
-        config = prepare(config_path, overrides)
+        overrides = {**common, "model.name": model, "run_name": f"demo-sweep-{model}",
+                     "scaling.num_workers": profile.sweep_workers, **extra}  # fmt: skip
+        if not profile.recipes:
+            overrides["model.kwargs"] = _model_kwargs(model, {}, profile)
+        else:
+            overrides["optim.epochs"] = profile.sweep_epochs
+        config = prepare(_config_path(config_path, model, profile), overrides)
         print(f"\n[demo] === sweep {space_path} on {model}: {profile.sweep_trials} trials x "
               f"{profile.sweep_epochs} epochs ===")  # fmt: skip
         result = run_sweep(space, config, new=new, register=True, model_name=f"demo-{model}",
@@ -309,10 +323,11 @@ def main(argv: list[str] | None = None) -> int:
                       "light augmentation; 2-trial sweeps of the methods' own knobs; every model must reach "
                       "80%% test top-1, the best 84%%; 14-17 min on 2 idle cores (default)")
     size.add_argument("--full", dest="profile", action="store_const", const="full",
-                      help="all of Fashion-MNIST, 10 epochs, 8-trial sweeps")
+                      help="all of Fashion-MNIST, each model by its recipe (configs/fmnist_<model>.yaml: 10 epochs "
+                      "at the model's own size), 8-trial sweeps of 6 epochs over the whole space files (hours on a CPU)")
     parser.set_defaults(profile="quick")
     parser.add_argument("--work-dir", default="demo", help="where shards, checkpoints and mlflow.db go")
-    parser.add_argument("--config", default=str(REPO / "configs" / "tiny_cpu.yaml"), help="the base training config")
+    parser.add_argument("--config", default=str(REPO / "configs" / "tiny_cpu.yaml"), help="the base training config of the quick profile (the full one trains the recipes)")
     parser.add_argument("--skip-sweeps", action="store_true", help="train and evaluate only")
     parser.add_argument("--new", action="store_true", help="start every run and sweep over")
     parser.add_argument("--verbose", action="store_true", help="show Ray's and MLflow's own log lines and Tune's "

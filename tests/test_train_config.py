@@ -213,3 +213,35 @@ def test_every_model_family_has_an_example_config():
     names = {load_config(path).model.name for path in CONFIGS}
     for family in ("vit_msa_", "vit_lsla_", "castling_", "dvt_"):
         assert any(name.startswith(family) for name in names), family
+
+
+RECIPE_MODELS = ("vit_lsla_nano", "hier_msa_nano", "castling_vit_nano", "vit_msa_nano", "dvt_vit_nano",
+                 "dvt_lsla_nano", "dvt_castling_nano")  # fmt: skip
+
+
+def test_every_nano_family_has_a_fashion_mnist_recipe_and_they_share_one_recipe():
+    recipes = {load_config(p).model.name: load_config(p) for p in CONFIGS if p.name.startswith("fmnist_")}
+    assert sorted(recipes) == sorted(RECIPE_MODELS)
+    reference = recipes["vit_lsla_nano"]
+    assert reference.optim.epochs == 10  # the budget the recipes are judged at
+    for name, config in recipes.items():  # only the model (and its method's terms) differ
+        assert config.optim == reference.optim, name
+        assert config.data == reference.data, name
+        assert config.model.drop_path_rate == reference.model.drop_path_rate, name
+
+
+def test_the_demo_names_every_model_below_its_floor():
+    from types import SimpleNamespace
+
+    from pipeline.demo import PROFILES, below_floors
+
+    quick = PROFILES["quick"]
+    rows = [{"model": "vit_lsla_nano", "test_top1": 86.0}, {"model": "vit_msa_nano", "test_top1": 79.9},
+            {"model": "dvt_vit_nano", "test_top1": None}]  # fmt: skip
+    champion = (SimpleNamespace(uri="models:/demo-vit_lsla_nano@champion"), SimpleNamespace(metrics={"top1": 85.1}), None)
+    missed = below_floors(rows, [champion], quick)
+    assert missed == ["vit_msa_nano (trained): test top-1 79.90% < 80%",
+                      "dvt_vit_nano (trained): test top-1 not measured < 80%"]  # fmt: skip
+    rows = [{"model": "vit_lsla_nano", "test_top1": 83.0}]
+    assert below_floors(rows, [], quick) == ["the best test top-1 is 83.00% < 84%"]
+    assert below_floors(rows, [], PROFILES["full"]) == []  # the full profile checks no floors

@@ -527,6 +527,8 @@ def test_dvt_run_validates_every_exit_and_logs_the_budget_curve(tiny_config):
     local = client.download_artifacts(run.info.run_id, "dvt/dvt_budget.json")
     report = json.loads(Path(local).read_text())
     assert report["evaluated_on"] == "test" and report["evaluation_samples"] == 300 and report["points"]
+    # the run's own test score (the last exit on all 300 test images) is the budget report's last anytime point
+    assert run.data.metrics["test/top1"] == pytest.approx(report["anytime_top1"][-1], abs=1e-6)
 
 
 def test_non_finite_loss_fails_the_run_with_a_clear_status(tiny_config):

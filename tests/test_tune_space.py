@@ -220,3 +220,27 @@ def test_concurrency_is_what_the_cluster_holds_for_a_trial_and_its_workers(tiny_
 
     with pytest.raises(SweepError, match="one trial needs .*'GPU': 4.0.* the Ray cluster has .*'GPU': 0.0"):
         default_concurrency({"CPU": 64.0}, need)
+
+
+def test_a_space_restricted_to_some_knobs_searches_only_those():
+    space = load_space(SPACES / "lsla.yaml")
+    knobs = ("model.kwargs.attn_kwargs.ds_init", "model.kwargs.attn_kwargs.bias_sharing")
+    only = space.restricted_to(knobs)
+    assert tuple(only.parameters) == knobs and set(only.param_space()) == set(knobs)
+    assert only.parameters[knobs[0]] == space.parameters[knobs[0]] and only.scheduler == space.scheduler
+    assert "optim.lr" in space.parameters  # the original is untouched
+    with pytest.raises(SpaceError, match=r"no parameter\(s\) optim.momentum to search"):
+        space.restricted_to(["optim.momentum"])
+
+
+def test_every_shipped_space_checks_against_its_example_config():
+    from pipeline.train.config import load_config
+
+    configs = Path(__file__).parents[1] / "configs"
+    pairs = {"lsla.yaml": "fmnist_vit_lsla_nano.yaml", "castling.yaml": "fmnist_castling_vit_nano.yaml",
+             "recipe.yaml": "fmnist_vit_lsla_nano.yaml"}  # fmt: skip
+    for space_file, config_file in pairs.items():
+        config = load_config(configs / config_file)
+        data = config.to_dict()
+        data["data"].update(num_classes=10, in_chans=1)
+        check_space(load_space(SPACES / space_file), TrainConfig.from_dict(data), build_models=False)

@@ -91,6 +91,8 @@ def _quiet_libraries() -> None:
     """
     if os.environ.get("VITPIPE_VERBOSE"):
         return
+    import mlflow  # noqa: F401  (MLflow sets its loggers' levels when first imported: after that, ours hold)
+
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
 
