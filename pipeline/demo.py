@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="40,000 training images x 2 epochs; the plain ViTs at 16 tokens (8x8 patches), depth 4, "
                       "D=96 and the DVT cascade at grids 2/3/4, depth 2 (the hierarchical models as they are); "
                       "light augmentation; 2-trial sweeps of the methods' own knobs; every model must reach "
-                      "80%% test top-1, the best 84%%; 14-17 min on 2 idle cores (default)")
+                      "80%% test top-1, the best 84%%; 16-18 min on 2 idle cores (default)")
     size.add_argument("--full", dest="profile", action="store_const", const="full",
                       help="all of Fashion-MNIST, each model by its recipe (configs/fmnist_<model>.yaml: 10 epochs "
                       "at the model's own size), 8-trial sweeps of 6 epochs over the whole space files (hours on a CPU)")
