@@ -148,10 +148,10 @@ def build_demo_shards(out_dir: Path, profile: Profile, source: Path = FASHION_MN
     return out_dir
 
 
-def _common_overrides(data_dir: Path, work: Path, tracking_uri: str, profile: Profile, epochs: int,
+def _common_overrides(data_dir: Path, work: Path, tracking_uri: str, profile: Profile, epochs: int | None,
                       log_models: bool) -> dict:  # fmt: skip
-    """Where a run reads and writes; with a recipe (full profile), nothing else: the recipe says the rest."""
-    where = {
+    """Where a run reads and writes, and ``epochs`` unless None; with a recipe (full profile) nothing else."""
+    overrides = {
         "data.train": str(data_dir / "train"),
         "data.val": str(data_dir / "val"),
         "data.test": str(data_dir / "test"),
@@ -160,10 +160,11 @@ def _common_overrides(data_dir: Path, work: Path, tracking_uri: str, profile: Pr
         "mlflow.experiment": "vitpipe-demo",
         "mlflow.log_model": log_models,
     }
-    if profile.recipes:
-        return {**where, **profile.overrides}
-    return {**where, "optim.epochs": epochs, "data.batch_size": profile.batch_size, "optim.warmup_epochs": 0,
-            "model.kwargs": {}, **profile.overrides}  # fmt: skip
+    if epochs is not None:
+        overrides["optim.epochs"] = epochs
+    if not profile.recipes:
+        overrides.update({"data.batch_size": profile.batch_size, "optim.warmup_epochs": 0, "model.kwargs": {}})
+    return {**overrides, **profile.overrides}
 
 
 def _config_path(config_path: Path, model: str, profile: Profile) -> Path:
@@ -177,16 +178,16 @@ def train_models(config_path: Path, data_dir: Path, work: Path, tracking_uri: st
 
     rows = []
     for name, kwargs, method in models:
-        epochs = profile.model_epochs.get(name, profile.epochs)
+        epochs = None if profile.recipes else profile.model_epochs.get(name, profile.epochs)  # None: the recipe's
         common = _common_overrides(data_dir, work, tracking_uri, profile, epochs, profile.log_models)
         kwargs = _model_kwargs(name, kwargs, profile)
         overrides = {**common, "model.name": name, "run_name": f"demo-{name}", **method}
         if kwargs or not profile.recipes:
             overrides["model.kwargs"] = kwargs
         config = prepare(_config_path(config_path, name, profile), overrides)
-        epochs = config.optim.epochs
         size = "".join(f"{k} {v}, " for k, v in kwargs.items())
-        print(f"\n[demo] === training {name} ({size}{epochs} epoch(s), {config.scaling.num_workers} workers) ===")
+        print(f"\n[demo] === training {name} ({size}{config.optim.epochs} epoch(s), {config.scaling.num_workers} "
+              "workers) ===")  # fmt: skip
         start = time.perf_counter()
         summary = train(config, new=new)
         rows.append({"model": name, **_run_metrics(tracking_uri, summary["mlflow_run_id"]),
@@ -232,8 +233,6 @@ def run_sweeps(config_path: Path, data_dir: Path, work: Path, tracking_uri: str,
                      "scaling.num_workers": profile.sweep_workers, **extra}  # fmt: skip
         if not profile.recipes:
             overrides["model.kwargs"] = _model_kwargs(model, {}, profile)
-        else:
-            overrides["optim.epochs"] = profile.sweep_epochs
         config = prepare(_config_path(config_path, model, profile), overrides)
         print(f"\n[demo] === sweep {space_path} on {model}: {profile.sweep_trials} trials x "
               f"{profile.sweep_epochs} epochs ===")  # fmt: skip

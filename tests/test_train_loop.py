@@ -490,7 +490,7 @@ def test_castling_training_ends_with_every_mask_empty_and_validates_the_deployed
     model.load_state_dict(torch.load(saved[-1], weights_only=True)["model"])
     assert all(float(m.gate().detach().abs().max()) == 0.0 for _, m in castling_modules(model))  # every mask empty
     model.eval()
-    val_images = next(loop._real_rows(loop._loader(config, CPU, "val", crop_pct=1.0, world=False)))[0]
+    val_images = next(loop._real_rows(loop._loader(config, CPU, "val", train=False, world=False)))[0]
     size = config.data.img_size
     for images in (val_images, torch.randn(8, 1, size, size)):  # a validation batch, and images unlike any seen
         with torch.no_grad():

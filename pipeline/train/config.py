@@ -583,7 +583,8 @@ def resolve_config(config: TrainConfig, *, base_dir: str | os.PathLike | None = 
     Relative paths are taken from ``base_dir`` (default: the current directory); the tracking URI, when
     the config leaves it out, is ``$MLFLOW_TRACKING_URI`` or ``mlflow.db`` there. With ``check_data``
     the shard manifests are read (errors name the field) and ``num_classes``, ``img_size``,
-    ``in_chans`` left empty come from them; without it they must be given.
+    ``in_chans`` left empty come from them; without it they must be given. ``data.crop_pct`` left empty
+    becomes the model's own.
     """
     base = Path(base_dir or os.getcwd()).resolve()
     data = config.to_dict()
@@ -600,4 +601,8 @@ def resolve_config(config: TrainConfig, *, base_dir: str | os.PathLike | None = 
         missing = [k for k in ("num_classes", "img_size", "in_chans") if getattr(resolved.data, k) is None]
         if missing:
             raise ConfigError(f"data.{missing[0]}: must be given when the shards are not checked")
+    if resolved.data.crop_pct is None:  # explicit, so that the run's logged config says which crop it evaluated
+        from pipeline.train.build import eval_crop_pct
+
+        resolved.data.crop_pct = eval_crop_pct(resolved)
     return resolved

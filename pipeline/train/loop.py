@@ -181,17 +181,15 @@ def _autocast(config: TrainConfig, device: torch.device):
 # Data.
 
 
-def _loader(config: TrainConfig, d: Dist, split: str, *, crop_pct: float | None = None, world: bool = True):
-    """Training batches (random crops) or, given ``crop_pct`` (``build.eval_crop_pct``), evaluation's."""
+def _loader(config: TrainConfig, d: Dist, split: str, *, train: bool, world: bool = True):
     from pipeline.data.reader import build_loader
     from pipeline.data.transforms import build_transform
 
     data = config.data
     augment = dict(auto_augment=data.auto_augment, scale=tuple(data.crop_scale), hflip=data.hflip,
                    color_jitter=data.color_jitter, re_prob=data.random_erasing)  # fmt: skip
-    train = crop_pct is None
     transform = build_transform(data.img_size, train=train, in_chans=data.in_chans,
-                                **(augment if train else {"crop_pct": crop_pct}))  # fmt: skip
+                                **(augment if train else {"crop_pct": eval_crop_pct(config)}))  # fmt: skip
     return build_loader(
         getattr(config.data, split),
         batch_size=config.data.batch_size,
@@ -536,8 +534,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
 
     state = _setup(config, d)
-    train_loader = _loader(config, d, "train")
-    val_loader = _loader(config, d, "val", crop_pct=eval_crop_pct(config))
+    train_loader = _loader(config, d, "train", train=True)
+    val_loader = _loader(config, d, "val", train=False)
     state.updates_per_epoch = math.ceil(len(train_loader) / config.optim.accum_steps)
     state.scheduler = _scheduler(config, state.optimizer, state.updates_per_epoch)
     checkpoint = ray.train.get_checkpoint()
@@ -733,23 +731,23 @@ def _finish(state: State, config: TrainConfig, d: Dist, logger, castling: bool) 
             logger.curves({"Castling mask density (share of the gated mask on, epoch mean)": names},
                           "castling_mask_density.png")
 
-        crop_pct, alone = eval_crop_pct(config), Dist(0, 1, d.device)
+        alone = Dist(0, 1, d.device)
         # Two images: with one, torch.export would fix the batch dimension of the exported model to 1.
-        example_images = next(_real_rows(_loader(config, Dist(0, 1, torch.device("cpu")), "val", crop_pct=crop_pct,
+        example_images = next(_real_rows(_loader(config, Dist(0, 1, torch.device("cpu")), "val", train=False,
                                                   world=False)))[0][:2]  # fmt: skip
         to_inference_form(final).eval()  # the deployed form is what DVT calibrates, costs and evaluates
         final.to(d.device)
         if config.data.test is not None:  # the result's own score, on images that chose nothing
-            test_metrics = evaluate(final, _loader(config, alone, "test", crop_pct=crop_pct, world=False), alone, config)
+            test_metrics = evaluate(final, _loader(config, alone, "test", train=False, world=False), alone, config)
             logger.metrics({f"test/{k}": v for k, v in test_metrics.items()}, step=state.epochs_done)
             result["test_top1"] = test_metrics["top1"]
         if hasattr(final, "exit_macs"):  # a DVT cascade: calibrate exit thresholds on val, sweep the budget
             from pipeline.eval.dvt_budget import calibrate_and_sweep
 
-            val = _real_rows(_loader(config, alone, "val", crop_pct=crop_pct, world=False))
+            val = _real_rows(_loader(config, alone, "val", train=False, world=False))
             test = None
             if config.data.test is not None:
-                test = _real_rows(_loader(config, alone, "test", crop_pct=crop_pct, world=False))
+                test = _real_rows(_loader(config, alone, "test", train=False, world=False))
             report = calibrate_and_sweep(final, val, test, device=d.device)
             report.to_json(Path(scratch, "dvt_budget.json"))
             report.plot(Path(scratch, "dvt_budget.png"))
