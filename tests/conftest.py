@@ -33,6 +33,22 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
+def ray_cluster():
+    """A real two-node Ray cluster on this machine, separate from ``ray_local`` (see tests/ray_cluster.py):
+    a token-authenticated head and one more node, 3 logical CPUs and one ``vp_slot`` each. Tests that kill a
+    node call ``ray_cluster.ensure_nodes(2)`` first."""
+    from tests.ray_cluster import RayCluster
+
+    cluster = RayCluster(num_cpus=3, resources={"vp_slot": 1})
+    try:
+        cluster.wait_ready()
+        cluster.ensure_nodes(2)
+        yield cluster
+    finally:  # also when a test (or the start) fails
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
 def digits_shards(tmp_path_factory):
     """scikit-learn's digits at 16x16 in deliberately uneven shards (train/val/test split directories)."""
     from tests.datasets import UNEVEN_SHARDS, make_digits_shards

@@ -1,22 +1,16 @@
 """Jobs as the GPU cluster runs them (issue 8): submitted to a real Ray head through the job-submission
 API, and the shard-building job staging through S3 (a stand-in AWS CLI).
 
-A separate ``ray start --head --block`` runs in a subprocess with its own temp dir, ports, token and
-environment, so it never meets the test session's in-process ``ray.init`` (tests/conftest.py). It is
-stopped by signalling *that* process, never with ``ray stop``, which would kill every Ray on the machine.
+The jobs go to the session's two-node cluster (``ray_cluster`` in tests/conftest.py): real ``ray start``
+processes with their own temp dirs, ports and token, apart from the in-process ``ray.init`` of the other tests.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -28,101 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 # What a job must not upload: the venv, data, local runs (.gitignore'd paths are skipped by Ray as well).
 EXCLUDES = [".venv", ".git", "data", "runs", "mlruns", "mlflow.db", "ray_results", "benchmarks/results"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RayHead:
-    """A token-authenticated Ray head on this machine, started and stopped as one process."""
-
-    def __init__(self, num_cpus: int = 2):
-        # Short root: Ray's unix sockets live below it and their paths are limited to 107 bytes.
-        self.root = Path(tempfile.mkdtemp(prefix="vp-ray-", dir="/tmp"))
-        self.token = secrets.token_hex(32)
-        token_file = self.root / "auth_token"
-        token_file.write_text(self.token)
-        token_file.chmod(0o600)
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_TRACKING"))}
-        self.env.update(
-            RAY_AUTH_MODE="token",  # Ray 2.59+: the dashboard and GCS refuse requests without the token
-            RAY_AUTH_TOKEN_PATH=str(token_file),  # this head's own token, not ~/.ray/auth_token
-            RAY_USAGE_STATS_ENABLED="0",
-            RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # tear down at once on SIGTERM
-            MLFLOW_DISABLE_TELEMETRY="true",
-            PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # `python` in a job is this venv's
-        )
-        self.dashboard_port = _free_port()
-        self.address = f"http://127.0.0.1:{self.dashboard_port}"
-        command = [
-            str(VENV_BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
-            f"--num-cpus={num_cpus}", f"--temp-dir={self.root / 'ray'}",
-            f"--object-store-memory={256 * 1024**2}",  # a shared test machine: not 30% of its memory
-            f"--port={_free_port()}", f"--ray-client-server-port={_free_port()}",
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-            f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-        ]  # fmt: skip
-        self.log = self.root / "head.log"
-        with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-
-    def client(self):
-        from ray.job_submission import JobSubmissionClient
-
-        return JobSubmissionClient(self.address, headers={"Authorization": f"Bearer {self.token}"})
-
-    def wait_ready(self, timeout_s: float = 90.0):
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"ray start exited with {self.process.returncode}:\n{self.log.read_text()}")
-            try:
-                client = self.client()
-                client.list_jobs()
-                return client
-            except Exception as exc:  # noqa: BLE001 - not up yet: connection refused, 5xx while starting
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the Ray head was not ready in {timeout_s:.0f} s ({exc}):\n"
-                                       f"{self.log.read_text()[-3000:]}") from exc  # fmt: skip
-                time.sleep(0.5)
-
-    def stop(self) -> None:
-        """SIGTERM to `ray start --block` makes it shut down every process it started; then sweep."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
-        self._kill_leftovers()
-        shutil.rmtree(self.root, ignore_errors=True)
-
-    def _kill_leftovers(self) -> None:
-        """Processes of this head that outlived it (their command lines name its temp dir)."""
-        import psutil
-
-        marker = str(self.root)
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            if any(marker in part for part in proc.info["cmdline"] or []):
-                try:
-                    proc.kill()
-                except psutil.NoSuchProcess:
-                    pass
-
-
-@pytest.fixture(scope="module")
-def ray_head():
-    head = RayHead(num_cpus=2)
-    try:
-        head.wait_ready()
-        yield head
-    finally:  # also when the test (or the start) fails
-        head.stop()
 
 
 def wait_for_job(client, job_id: str, timeout_s: float):
@@ -142,17 +41,17 @@ def wait_for_job(client, job_id: str, timeout_s: float):
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)  # generous: a loaded 2-core machine is several times slower than an idle one
-def test_job_runs_submitted_code_in_the_project_env(ray_head):
+def test_job_runs_submitted_code_in_the_project_env(ray_cluster):
     """The README's command (`ray job submit --working-dir .` with RAY_AUTH_MODE=token): the token is needed,
     the uploaded working dir comes first on sys.path, and `python` is the project's interpreter."""
     with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(f"{ray_head.address}/api/jobs/", timeout=10)
+        urllib.request.urlopen(f"{ray_cluster.address}/api/jobs/", timeout=10)
     assert refused.value.code == 401  # no token, no jobs
 
     probe = ("import json, sys, ray, pipeline; ray.init(); "
              "print('PROBE', json.dumps({'python': sys.executable, 'pipeline': pipeline.__file__, "
              "'cpus': ray.cluster_resources().get('CPU')}))")  # fmt: skip
-    env = {**ray_head.env, "RAY_ADDRESS": ray_head.address}  # token mode and this head's token file
+    env = {**ray_cluster.env, "RAY_ADDRESS": ray_cluster.address}  # token mode and this head's token file
     submit = [str(VENV_BIN / "ray"), "job", "submit", "--working-dir", ".", "--", "python", "-c", probe]
     done = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr  # `ray job submit` waits and fails with the job
@@ -160,12 +59,12 @@ def test_job_runs_submitted_code_in_the_project_env(ray_head):
     assert Path(facts["python"]) == Path(sys.executable)
     assert "working_dir_files" in facts["pipeline"]  # the uploaded copy, not the editable install in REPO
     assert not facts["pipeline"].startswith(str(REPO))
-    assert facts["cpus"] == 2
+    assert facts["cpus"] == sum(node["resources"]["CPU"] for node in ray_cluster.alive_nodes())  # the whole cluster
 
 
 @pytest.mark.ray
 @pytest.mark.timeout(480)  # generous: a loaded 2-core machine is several times slower than an idle one
-def test_train_job_logs_its_mlflow_run(ray_head):
+def test_train_job_logs_its_mlflow_run(ray_cluster):
     """`jobs/train.py` with a tiny config, submitted like on the cluster, trains and records one MLflow run."""
     from mlflow.tracking import MlflowClient
 
@@ -173,7 +72,7 @@ def test_train_job_logs_its_mlflow_run(ray_head):
 
     # Outside the repo (not uploaded with the working dir), inside the head's folder (removed with it, after
     # every process of the head, the job's included, has stopped).
-    work = ray_head.root / "job"
+    work = ray_cluster.root / "job"
     shards = make_digits_shards(work / "digits", image_size=16, samples_per_shard=200)
     tracking_uri = f"sqlite:///{work / 'mlflow.db'}"  # absolute: the job runs in another directory
     overrides = {
@@ -187,7 +86,7 @@ def test_train_job_logs_its_mlflow_run(ray_head):
     }  # fmt: skip
     entrypoint = "python jobs/train.py --config configs/tiny_cpu.yaml --new " + " ".join(
         f"--set '{key}={value}'" for key, value in overrides.items())
-    client = ray_head.client()
+    client = ray_cluster.client()
     job_id = client.submit_job(entrypoint=entrypoint,
                                runtime_env={"working_dir": str(REPO), "excludes": EXCLUDES})  # fmt: skip
     logs = wait_for_job(client, job_id, timeout_s=420)

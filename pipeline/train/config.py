@@ -178,12 +178,16 @@ class ScalingConfig:
     cpus_per_worker: float = 1.0
     resources_per_worker: dict[str, float] = field(default_factory=dict)  # extra Ray resources, e.g. {memory: 8.0e9}
     timeout_s: int = 1800  # process-group timeout: a stuck collective fails after this long
+    # How long a start or restart of the worker group waits for its resources (a lost node replaced by the
+    # autoscaler, a busy cluster) before it counts as a failed start; after 3 failed starts the run fails.
+    resource_wait_s: float = 900.0
     find_unused_parameters: bool = False  # DDP option, for models with branches unused in training
 
     def __post_init__(self) -> None:
         _check_range("scaling.num_workers", self.num_workers, 0, None)
         _check_positive("scaling.cpus_per_worker", self.cpus_per_worker)
         _check_positive("scaling.timeout_s", self.timeout_s)
+        _check_positive("scaling.resource_wait_s", self.resource_wait_s)
         for key in ("CPU", "GPU"):
             if key in self.resources_per_worker:
                 raise ConfigError(

@@ -82,14 +82,24 @@ def check_model_and_optimisation(config: TrainConfig) -> dict[str, int | float]:
     return facts
 
 
+# Failed starts of the worker group (no resources within scaling.resource_wait_s, a worker lost while
+# starting) that Ray Train retries before the run fails. Ray's default is to retry forever: a run that lost
+# a node on a cluster that cannot replace it would wait for ever instead of failing.
+WORKER_GROUP_START_RETRIES = 2
+
+
 def build_trainer(config: TrainConfig, *, mlflow_run_id: str | None, callbacks: list | None = None):
     """The ``TorchTrainer`` of a resolved config (Ray must be initialised). Tune trials build theirs here too."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
 
     from pipeline.train.loop import train_loop_per_worker
 
     scaling = config.scaling
+    # Ray Train takes this timeout from the environment of the process that calls fit() (and passes it on
+    # to its controller); there is no argument for it.
+    os.environ[WORKER_GROUP_START_TIMEOUT_S_ENV_VAR] = f"{scaling.resource_wait_s:g}"
     resources = {"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = 1
@@ -101,7 +111,8 @@ def build_trainer(config: TrainConfig, *, mlflow_run_id: str | None, callbacks: 
         run_config=RunConfig(
             name=config.run_name,
             storage_path=config.storage_path,
-            failure_config=FailureConfig(max_failures=config.max_failures),
+            failure_config=FailureConfig(max_failures=config.max_failures,
+                                         controller_failure_limit=WORKER_GROUP_START_RETRIES),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=config.checkpoint.keep,
                 checkpoint_score_attribute=config.checkpoint.metric,
@@ -206,11 +217,14 @@ def train(config: TrainConfig, *, new: bool = False, address: str | None = None)
     if scaling.num_workers > 0:
         print(f"[vitpipe] starting {scaling.num_workers} Ray Train worker(s), {scaling.cpus_per_worker:g} CPU"
               f"{' + 1 GPU' if scaling.use_gpu else ''} each (on a cluster, the autoscaler may add nodes first)")
+    nodes_at_start = _alive_nodes() if scaling.num_workers > 0 else {}
     try:
         result = trainer.fit()
     except TrainingFailedError as err:
-        tracking.close_run(tracking_uri, run_id, "FAILED", f"failed: {str(err)[:2000]}")
-        raise TrainingError(f"run {config.run_name!r} failed (after up to {config.max_failures} restarts): {err}") from err
+        lost = _lost_nodes_message(config, nodes_at_start, err) if scaling.num_workers > 0 else ""
+        tracking.close_run(tracking_uri, run_id, "FAILED", f"failed: {lost}{str(err)[:2000]}")
+        raise TrainingError(f"run {config.run_name!r} failed (after up to {config.max_failures} restarts): "
+                            f"{lost}{err}") from err  # fmt: skip
     except KeyboardInterrupt:
         tracking.close_run(tracking_uri, run_id, "KILLED", "interrupted: run the same command to resume")
         raise
@@ -225,6 +239,36 @@ def train(config: TrainConfig, *, new: bool = False, address: str | None = None)
           + (f"\n[vitpipe] best checkpoint: {summary['best_checkpoint']}" if summary.get("best_checkpoint") else "")
           + f"\n[vitpipe] MLflow: run {run_id} in {tracking_uri}")  # fmt: skip
     return summary
+
+
+def _alive_nodes() -> dict[str, str]:
+    """The cluster's live nodes: node id -> IP address."""
+    import ray
+
+    return {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]}
+
+
+def _lost_nodes_message(config: TrainConfig, nodes_at_start: dict[str, str], err: Exception) -> str:
+    """What a failed run says first when nodes it started with have died: which, and what the rest lacked."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    try:
+        alive = _alive_nodes()
+    except Exception:  # noqa: BLE001 - the cluster itself is gone: the error that follows says so
+        return ""
+    lost = [f"{ip} (node {node_id[:12]})" for node_id, ip in nodes_at_start.items() if node_id not in alive]
+    if not lost:
+        return ""
+    message = f"the cluster lost node(s) {', '.join(lost)} during the run"
+    if isinstance(getattr(err, "controller_failure", None), WorkerGroupStartupTimeoutError):
+        scaling = config.scaling
+        per_worker = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {}),
+                      **scaling.resources_per_worker}  # fmt: skip
+        message += (f", and the {len(alive)} node(s) left did not hold {scaling.num_workers} worker(s) x "
+                    f"{per_worker} within scaling.resource_wait_s = {scaling.resource_wait_s:g} s "
+                    f"({WORKER_GROUP_START_RETRIES + 1} tries); add nodes (or let the autoscaler) and run the same "
+                    "command to resume from the last checkpoint")  # fmt: skip
+    return message + ". Ray's error: "
 
 
 # --------------------------------------------------------------------------------------------------

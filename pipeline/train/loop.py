@@ -533,6 +533,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     else:  # as many threads as CPUs reserved: oversubscribed OpenMP threads spin and stall everyone
         torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
 
+    nodes = _worker_nodes(d)
     state = _setup(config, d)
     train_loader = _loader(config, d, "train", train=True)
     val_loader = _loader(config, d, "val", train=False)
@@ -557,14 +558,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         logger = RunLogger(config.mlflow.tracking_uri, run_id, system_metrics=config.mlflow.system_metrics,
                            system_metrics_interval_s=config.mlflow.system_metrics_interval_s)  # fmt: skip
     with logger if logger is not None else contextlib.nullcontext():
-        if logger is not None and checkpoint is not None:
-            logger.tags({"vitpipe.resumed_from_epoch": str(state.epochs_done)})
+        placement = ", ".join(f"rank {rank} {node}" for rank, node in enumerate(nodes))
+        if logger is not None:
+            logger.tags({"vitpipe.worker_nodes": placement})
+            if checkpoint is not None:
+                logger.tags({"vitpipe.resumed_from_epoch": str(state.epochs_done)})
         if d.rank == 0:
             where = f"resuming after epoch {state.epochs_done}" if checkpoint is not None else "starting"
             compiled = f", torch.compile ({config.compile_backend}): the first steps compile" if config.compile else ""
-            _progress(f"{where}: {config.model.name}, {d.world_size} worker(s) on {device.type}, "
+            _progress(f"{where}: {config.model.name}, {d.world_size} worker(s) on {device.type} "
+                      f"({len(set(nodes))} node(s): {placement}), "
                       f"{len(train_loader)} steps/epoch of {config.data.batch_size} per worker{compiled}")  # fmt: skip
         result = _train_epochs(state, config, d, train_loader, val_loader, logger, castling)
+        result["worker_nodes"] = nodes
         if castling and result["status"] == "finished":
             _check_branches_closed(state.model, logger)
         if result["status"] != "finished":
@@ -576,6 +582,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         if logger is not None:
             logger.finish("FINISHED", "finished")
     return result
+
+
+def _worker_nodes(d: Dist) -> list[str]:
+    """Every rank's Ray node as ``IP/node-id-prefix``, in rank order (a collective: every rank calls it)."""
+    import ray
+
+    if ray.is_initialized():
+        here = f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}"
+    else:  # Ray Train's local mode (scaling.num_workers: 0) runs the loop in the driver, without Ray
+        import socket
+
+        here = socket.gethostname()
+    if not d.active:
+        return [here]
+    nodes: list[str] = [""] * d.world_size
+    dist.all_gather_object(nodes, here)
+    return nodes
 
 
 def _check_branches_closed(model: nn.Module, logger) -> None:

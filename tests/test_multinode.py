@@ -1,0 +1,192 @@
+"""Multi-node, on one machine (issue 22): a real two-node Ray cluster (``ray_cluster``), training and a
+sweep spread over both nodes, and a node lost mid-run by SIGKILLing its raylet.
+
+Each node has 3 logical CPUs and one ``vp_slot``; runs here ask ``resources_per_worker: {vp_slot: 1}``, so a
+2-worker run must place one rank per node and a sweep's single-worker trials land on different nodes. Runs
+are driven as users drive them: ``vitpipe train|tune --address HEAD`` in a subprocess with its own working
+directory, so what a run writes outside ``storage_path`` (and the MLflow store) is seen.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pipeline.train.checkpoint import checkpoint_dir_name, load_checkpoint, load_model
+from pipeline.train.config import TrainConfig
+from tests.ray_cluster import RayCluster
+from tests.test_train_ray import _top1_single_process
+
+REPO = Path(__file__).resolve().parents[1]
+VITPIPE = Path(sys.executable).parent / "vitpipe"
+SLOT = {"vp_slot": 1}
+pytestmark = pytest.mark.ray
+
+
+def _settings(digits: Path, work: Path, **extra) -> dict:
+    return {
+        "data.train": str(digits / "train"), "data.val": str(digits / "val"), "data.test": "null",
+        "data.img_size": 16, "data.batch_size": 32, "data.loader_workers": 0, "data.hflip": 0.0,
+        "data.color_jitter": 0.0, "model.name": "vit_msa_nano",
+        "model.kwargs": "{depth: 2, embed_dim: 64, num_heads: 4}", "optim.lr": 3.0e-3, "optim.warmup_epochs": 0,
+        "scaling.num_workers": 2, "scaling.cpus_per_worker": 1, "scaling.resources_per_worker": json.dumps(SLOT),
+        "scaling.timeout_s": 60, "storage_path": str(work / "shared" / "runs"),
+        "mlflow.tracking_uri": f"sqlite:///{work / 'shared' / 'mlflow.db'}", "mlflow.system_metrics": False,
+        "mlflow.experiment": "multinode",
+        "log_every": 10000, **extra,
+    }  # fmt: skip
+
+
+def _start(cluster: RayCluster, work: Path, command: str, settings: dict, *args: str) -> tuple[subprocess.Popen, Path]:
+    """``vitpipe COMMAND --address HEAD ...`` from an empty working directory; stdout+stderr to a log file."""
+    cwd = work / "driver"
+    cwd.mkdir(parents=True, exist_ok=True)
+    log = work / f"{command}.log"
+    argv = [str(VITPIPE), command, "--config", str(REPO / "configs" / "tiny_cpu.yaml"),
+            "--address", cluster.gcs_address, *args]  # fmt: skip
+    for key, value in settings.items():
+        argv += ["--set", f"{key}={value}"]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(argv, cwd=cwd, env=cluster.env, stdout=out, stderr=subprocess.STDOUT)
+    return process, log
+
+
+def _wait(process: subprocess.Popen, log: Path, timeout_s: float) -> str:
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail(f"still running after {timeout_s:.0f} s:\n{log.read_text()[-6000:]}")
+    return log.read_text()
+
+
+def _wait_for(path: Path, process: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"{path.name} did not appear (driver {process.poll()}):\n{log.read_text()[-6000:]}")
+        time.sleep(0.1)
+
+
+def _placements(output: str) -> list[list[str]]:
+    """The nodes of each worker-group start, from the loop's "N node(s): rank 0 IP/ID, ..." lines."""
+    found = []
+    for line in output.splitlines():
+        if " node(s): rank 0 " in line:
+            listed = line.split(" node(s): ", 1)[1].split("), ", 1)[0]
+            found.append([part.split(" ", 2)[2] for part in listed.split(", ")])
+    return found
+
+
+def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def _empty(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.timeout(600)
+def test_a_sweep_runs_its_trials_on_both_nodes_at_once_and_registers_one_champion(ray_cluster, digits_shards, tmp_path):
+    cluster = ray_cluster
+    cluster.ensure_nodes(2)
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"metric": "val/top1", "mode": "max", "search": "grid", "scheduler": "fifo",
+                                     "parameters": {"optim.lr": {"grid": [3.0e-3, 1.0e-3]}}}))  # fmt: skip
+    config_settings = _settings(digits_shards, tmp_path, run_name="sweep2n", **{"optim.epochs": 1,
+                                "scaling.num_workers": 1, "mlflow.log_model": False})  # fmt: skip
+    process, log = _start(cluster, tmp_path, "tune", config_settings, "--space", str(space), "--max-concurrent", "2",
+                          "--name", "two-node-sweep")  # fmt: skip
+    output = _wait(process, log, timeout_s=540)
+    assert process.returncode == 0, output[-6000:]
+
+    uri = config_settings["mlflow.tracking_uri"]
+    client = MlflowClient(uri, registry_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("multinode").experiment_id])
+    trials = [r for r in runs if "vitpipe.worker_nodes" in r.data.tags]
+    assert len(trials) == 2, [r.data.tags for r in runs]
+    nodes = {r.data.tags["vitpipe.worker_nodes"].split(" ")[2].split("/")[0] for r in trials}
+    assert len(nodes) == 2, nodes  # one trial per node
+    (a, b) = sorted(trials, key=lambda r: r.info.start_time)
+    assert b.info.start_time < a.info.end_time, "the trials did not overlap"
+    (model_name,) = {m.name for m in client.search_registered_models()}
+    assert len(client.search_model_versions(f"name='{model_name}'")) == 1
+    assert _empty(tmp_path / "driver") == []
+    assert all(_empty(node.cwd) == [] for node in cluster.nodes)
+
+
+@pytest.mark.timeout(600)
+def test_a_two_node_run_survives_losing_a_node_and_writes_only_to_storage_path(ray_cluster, digits_shards, tmp_path):
+    """Ranks on both nodes; the second node's raylet SIGKILLed in epoch 2; a replacement node joins (as the
+    autoscaler would); the run resumes from epoch 1's checkpoint and finishes: one MLflow run, each epoch
+    once, checkpoints under storage_path only, the best one loading without Ray."""
+    cluster = ray_cluster
+    cluster.ensure_nodes(2)
+    lost = cluster.nodes[-1]
+    config_settings = _settings(digits_shards, tmp_path, run_name="two-nodes", **{"optim.epochs": 4,
+                                "max_failures": 1, "checkpoint.keep": 1})  # fmt: skip
+    process, log = _start(cluster, tmp_path, "train", config_settings, "--new")
+    run_dir = tmp_path / "shared" / "runs" / "two-nodes"
+    _wait_for(run_dir / checkpoint_dir_name(1), process, log, timeout_s=240)  # epoch 1 reported: epoch 2 runs
+    lost.kill_raylet()
+    replacement = cluster.add_node()
+    output = _wait(process, log, timeout_s=420)
+    assert process.returncode == 0, output[-6000:]
+
+    first, *restarts = _placements(output)
+    assert len({node.split("/")[0] for node in first}) == 2, first  # one rank per node, not assumed
+    assert any(node.startswith(lost.ip + "/") for node in first), (lost.ip, first)
+    assert restarts and any(node.startswith(replacement.ip + "/") for node in restarts[-1]), restarts
+
+    client = MlflowClient(config_settings["mlflow.tracking_uri"])
+    (run,) = client.search_runs([client.get_experiment_by_name("multinode").experiment_id])
+    assert run.info.status == "FINISHED", run.data.tags
+    assert run.data.tags["vitpipe.resumed_from_epoch"] in {"1", "2"}  # epoch 1's or (a fast) epoch 2's checkpoint
+    for key in ("train/loss", "val/top1", "val/loss"):
+        assert _steps(client, run.info.run_id, key) == [1, 2, 3, 4], key  # each epoch logged once
+
+    # Checkpoints in storage_path only: the nodes' and the driver's working directories stay empty.
+    for node in cluster.nodes:
+        assert _empty(node.cwd) == [], node.ip
+    assert _empty(tmp_path / "driver") == []
+    kept = sorted(p.name for p in run_dir.glob("checkpoint_epoch*"))
+    assert kept and kept[-1] == checkpoint_dir_name(4), kept
+
+    # The best checkpoint loads without Ray; its val/top1 (both ranks' shares, reduced across the nodes) is
+    # what one process measures over the whole val split: the shares were disjoint and complete.
+    summary_line = next(line for line in output.splitlines() if "best checkpoint:" in line)
+    best = Path(summary_line.split("best checkpoint:", 1)[1].strip())
+    assert best.is_relative_to(run_dir)
+    state = load_checkpoint(best)
+    config = TrainConfig.from_dict(state["config"])
+    assert _top1_single_process(load_model(best), config) == pytest.approx(state["metrics"]["val/top1"], abs=1e-9)
+
+
+@pytest.mark.timeout(400)
+def test_losing_a_node_without_a_replacement_fails_naming_the_node(ray_cluster, digits_shards, tmp_path):
+    """No node replaces the lost one: after scaling.resource_wait_s per try the run fails with exit code 1,
+    naming the lost node and what the rest lacked; the MLflow run is FAILED. Not a hang."""
+    cluster = ray_cluster
+    cluster.ensure_nodes(2)
+    lost = cluster.nodes[-1]
+    config_settings = _settings(digits_shards, tmp_path, run_name="no-room", **{"optim.epochs": 3,
+                                "max_failures": 1, "scaling.resource_wait_s": 5})  # fmt: skip
+    process, log = _start(cluster, tmp_path, "train", config_settings, "--new")
+    _wait_for(tmp_path / "shared" / "runs" / "no-room" / checkpoint_dir_name(1), process, log, timeout_s=240)
+    lost.kill_raylet()
+    output = _wait(process, log, timeout_s=300)
+    assert process.returncode == 1, output[-6000:]
+    error = output[output.rindex("error: run 'no-room' failed"):]
+    assert f"the cluster lost node(s) {lost.ip} (node " in error, error
+    assert "did not hold 2 worker(s) x {'CPU': 1.0, 'vp_slot': 1.0} within scaling.resource_wait_s = 5 s" in error
+
+    client = MlflowClient(config_settings["mlflow.tracking_uri"])
+    (run,) = client.search_runs([client.get_experiment_by_name("multinode").experiment_id])
+    assert run.info.status == "FAILED" and lost.ip in run.data.tags["vitpipe.status"]
