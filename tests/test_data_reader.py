@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import io
 import itertools
 import json
 import shutil
@@ -139,6 +140,22 @@ def test_epochs_reshuffle_and_repeat_exactly(indexed):
     loader = build_loader(indexed, batch_size=10, world_size=2, epoch=0, seed=3, num_workers=0)
     loader.set_epoch(1)
     assert list(itertools.chain.from_iterable(read_indices(loader)[0])) == second
+
+
+@pytest.mark.parametrize("num_workers", [0, 2, 3])
+def test_a_resumed_epoch_continues_its_plan_at_the_next_batch(indexed, num_workers):
+    """set_start(k): the same batches as the uninterrupted epoch from batch k on, in order, whatever the number
+    of loader workers (the DataLoader takes batches from them in turn); set_epoch starts the next one whole."""
+    loader = build_loader(indexed, batch_size=8, rank=1, world_size=2, epoch=4, seed=7, num_workers=num_workers)
+    whole = read_indices(loader)[0]
+    for k in (1, 4, 5, len(whole) - 1, len(whole)):
+        loader.set_start(k)
+        assert len(loader) == len(whole) and loader.start_batch == k
+        assert read_indices(loader)[0] == whole[k:], k
+    loader.set_epoch(5)
+    assert loader.start_batch == 0 and len(read_indices(loader)[0]) == len(whole)
+    with pytest.raises(ValueError, match="outside this epoch's"):
+        loader.set_start(len(whole) + 1)
 
 
 def test_eval_covers_every_sample_once_with_label_minus_one_padding(indexed):
@@ -279,6 +296,92 @@ def test_http_urls(indexed):
     finally:
         server.shutdown()
     assert remote == indices(build_loader(indexed, batch_size=20, seed=1, num_workers=2))
+
+
+class _RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """A static file server that honours ``Range: bytes=N-`` (as object stores do) and counts bytes sent."""
+
+    sent: Counter = Counter()
+
+    def log_message(self, *args, **kwargs):
+        pass
+
+    def send_head(self):
+        start = self.headers.get("Range", "bytes=0-").removeprefix("bytes=").split("-")[0]
+        path = self.translate_path(self.path)
+        if not start.isdigit() or not path.endswith(".tar"):
+            return super().send_head()
+        data = open(path, "rb").read()[int(start) :]
+        self.send_response(206 if int(start) else 200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.sent[self.path] += len(data)
+        return io.BytesIO(data)
+
+
+def test_https_ranges_start_each_worker_at_its_range(indexed):
+    """Loader workers whose range starts deep in a shard ask for the bytes from there, not from byte 0."""
+    handler = partial(_RangeHandler, directory=str(indexed.parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _RangeHandler.sent.clear()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/train"
+        kw = dict(batch_size=8, rank=2, world_size=3, seed=4, num_workers=2)
+        assert indices(build_loader(url, **kw)) == indices(build_loader(indexed, **kw))
+    finally:
+        server.shutdown()
+    manifest = read_manifest(indexed)
+    plans = plan_epoch([s.num_samples for s in manifest.shards], batch_size=8, rank=2, world_size=3, num_workers=2,
+                       seed=4)  # fmt: skip
+    read_from_zero = sum(manifest.shards[seg.shard].num_bytes for plan in plans for seg in plan.segments)
+    assert any(seg.start >= 64 for plan in plans for seg in plan.segments)  # some range starts past an offset
+    assert sum(_RangeHandler.sent.values()) < read_from_zero
+
+
+FLAKY_PIPE = """#!{python}
+# Streams a shard, but the first time for each shard only its first half, then fails (a broken download).
+import sys
+from pathlib import Path
+
+marks, path = Path(sys.argv[1]), Path(sys.argv[2])
+data = path.read_bytes()
+mark = marks / (path.name + ".failed")
+if path.suffix == ".tar" and not mark.exists():
+    mark.write_text("")
+    sys.stdout.buffer.write(data[: len(data) // 2])
+    sys.exit(1)
+sys.stdout.buffer.write(data)
+"""
+
+
+def test_a_pipe_that_breaks_mid_shard_is_reopened_and_reads_the_same_samples(indexed, tmp_path, capfd, monkeypatch):
+    """Every shard's first `pipe:` read stops half-way with exit status 1: each is re-opened at the next
+    sample, and the epoch reads exactly what a clean read does."""
+    import sys
+
+    import pipeline.data.reader as reader
+
+    monkeypatch.setattr(reader.time, "sleep", lambda seconds: None)  # the backoff, not what is tested
+    script = tmp_path / "flaky.py"
+    script.write_text(FLAKY_PIPE.format(python=sys.executable))
+    script.chmod(0o755)
+    kw = dict(batch_size=20, seed=1, num_workers=0)
+    flaky = indices(build_loader(f"pipe:{script} {tmp_path} {indexed}/{{name}}", **kw))
+    assert flaky == indices(build_loader(indexed, **kw))
+    assert len(list(tmp_path.glob("*.failed"))) == len(read_manifest(indexed).shards)  # each one broke once
+    assert "re-opening at sample" in capfd.readouterr().out
+
+
+def test_a_remote_shard_that_keeps_failing_is_a_shard_error_after_the_retries(indexed, monkeypatch, capfd):
+    import pipeline.data.reader as reader
+
+    monkeypatch.setattr(reader.time, "sleep", lambda seconds: None)
+    urls = [f"pipe:head -c 5000 {indexed}/{s.name}; exit 1" for s in read_manifest(indexed).shards]
+    loader = build_loader(urls, manifest=indexed / "manifest.json", batch_size=20, seed=1, num_workers=0)
+    with pytest.raises(ShardError, match="unreadable .* the command exited with status 1"):
+        indices(loader)
+    assert capfd.readouterr().out.count("re-opening at sample") == reader.REMOTE_RETRIES
 
 
 # ----------------------------------------------------------------------------------------- bad data

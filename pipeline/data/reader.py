@@ -12,8 +12,10 @@ rarely all the same size. The partition (``plan_epoch``):
 
 A rank's range is split across its DataLoader workers the same way, a whole number of batches each, so
 workers batch and collate themselves. A worker reads only the shards its range overlaps; in a local
-shard it seeks close to its range with the byte offsets the manifest keeps (a remote stream is read
-from its start and the samples before the range passed over undecoded); tar parsing is
+shard it seeks close to its range with the byte offsets the manifest keeps, over https it asks for that
+byte range (a ``pipe:`` stream is read from its start and the samples before the range passed over
+undecoded). A remote read that breaks (a reset connection, a failed ``aws s3 cp``) is re-opened at the
+next sample, up to ``REMOTE_RETRIES`` times, before its ShardError stands. Tar parsing is
 ``pipeline.data.tar``'s, ~10x cheaper per sample than tarfile's. It shuffles (train) through a
 buffer of raw samples, decodes with PIL and applies the transform. Corrupt samples raise an error
 naming shard and key; with ``skip_corrupt=True`` they become label ``-1`` rows instead (batch counts
@@ -23,8 +25,10 @@ stay equal) and are counted in ``ShardLoader.skipped``.
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 import random
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -51,6 +55,7 @@ from .tar import read_shard
 __all__ = ["ShardLoader", "Segment", "WorkerPlan", "build_loader", "plan_epoch", "read_manifest"]
 
 IGNORE_LABEL = -1
+REMOTE_RETRIES = 3  # re-opens of a remote shard whose read breaks, before its ShardError stands
 
 
 @dataclass(frozen=True)
@@ -144,6 +149,7 @@ class _EpochStream(IterableDataset):
         self.epoch, self.seed, self.train = epoch, seed, train
         self.transform = transform or default_transform
         self.shuffle_buffer, self.skip_corrupt, self.num_workers = shuffle_buffer, skip_corrupt, num_workers
+        self.start_batch = 0  # a resumed epoch: the batches before it pass undecoded
 
     def plans(self) -> list[WorkerPlan]:
         return plan_epoch(
@@ -154,38 +160,65 @@ class _EpochStream(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
+        # The DataLoader takes whole batches from its workers in turn, so batch b of the plan is worker
+        # b % n's. Resumed at batch k, the loader's first worker plays the plan's worker k % n, and each skips
+        # its share of the first k batches by reading past their samples: same plan, same shuffle, same order.
+        n, k = max(self.num_workers, 1), self.start_batch
+        worker = ((info.id if info is not None else 0) + k) % n
         plan = self.plans()[worker]
         samples = self._read(plan.segments)
         if self.train and self.shuffle_buffer > 1:
             state = np.random.SeedSequence([self.seed, self.epoch, self.rank, worker]).generate_state(1)
             rng = random.Random(int(state[0]))
             samples = _shuffled(samples, self.shuffle_buffer, rng)
+        skip = k // n + (worker < k % n)
+        if skip:
+            samples = itertools.islice(samples, skip * self.batch_size, None)
+            plan = WorkerPlan(plan.segments, plan.num_batches - skip)
         yield from self._batches(samples, plan)
 
     def _read(self, segments: Sequence[Segment]) -> Iterator[dict]:
         for segment in segments:
-            entry, url = self.manifest.shards[segment.shard], self.urls[segment.shard]
-            position, offset = 0, 0
-            jump = min(segment.start // OFFSET_STRIDE, len(entry.offsets) - 1)
-            if jump > 0 and is_local(url):  # seek near the range instead of parsing the samples before it
-                position, offset = jump * OFFSET_STRIDE, entry.offsets[jump]
-            samples = read_shard(url, offset)
-            for sample in samples:
-                if position >= segment.start:
+            yield from self._read_segment(segment)
+
+    def _read_segment(self, segment: Segment) -> Iterator[dict]:
+        """The segment's samples; a remote shard whose read breaks is re-opened at the next sample (a byte
+        range over https, else read past what was yielded), up to ``REMOTE_RETRIES`` times with backoff."""
+        entry, url = self.manifest.shards[segment.shard], self.urls[segment.shard]
+        position = segment.start  # the next sample to yield
+        for attempt in range(REMOTE_RETRIES + 1):
+            try:
+                for sample in self._samples(entry, url, position, segment.stop):
                     yield sample
-                position += 1
-                if position == segment.stop:
-                    break
-            if position < segment.stop:
-                raise ManifestMismatchError(
-                    f"shard {url}: ended after {position} samples, the manifest says {entry.num_samples}"
-                )
-            if segment.stop == entry.num_samples and next(samples, None) is not None:
-                raise ManifestMismatchError(
-                    f"shard {url}: holds more than the {entry.num_samples} samples its manifest lists"
-                )
-            samples.close()
+                    position += 1
+                return
+            except ShardError as err:
+                if is_local(url) or isinstance(err, ManifestMismatchError) or attempt == REMOTE_RETRIES:
+                    raise
+                delay = 2.0**attempt
+                print(f"[vitpipe] {err}; re-opening at sample {position} in {delay:.0f} s (retry {attempt + 1} of "
+                      f"{REMOTE_RETRIES})", flush=True)  # fmt: skip
+                time.sleep(delay)
+
+    def _samples(self, entry, url: str, start: int, stop: int) -> Iterator[dict]:
+        """Samples ``[start, stop)`` of one shard, opened at the manifest's byte offset nearest below ``start``
+        where the transport can seek (local files, https ranges)."""
+        position, offset = 0, 0
+        jump = min(start // OFFSET_STRIDE, len(entry.offsets) - 1)
+        if jump > 0 and (is_local(url) or url.startswith(("http://", "https://"))):
+            position, offset = jump * OFFSET_STRIDE, entry.offsets[jump]
+        samples = read_shard(url, offset)
+        for sample in samples:
+            if position >= start:
+                yield sample
+            position += 1
+            if position == stop:
+                break
+        if position < stop:
+            raise ManifestMismatchError(f"shard {url}: ended after {position} samples, the manifest says {entry.num_samples}")
+        if stop == entry.num_samples and next(samples, None) is not None:
+            raise ManifestMismatchError(f"shard {url}: holds more than the {entry.num_samples} samples its manifest lists")
+        samples.close()
 
     def _batches(self, samples: Iterator[dict], plan: WorkerPlan) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         images, labels, skipped = [], [], 0
@@ -284,6 +317,17 @@ class ShardLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self._stream.epoch = epoch
+        self._stream.start_batch = 0
+
+    def set_start(self, batch: int) -> None:
+        """Resume this epoch at ``batch``: the next iteration yields batches ``batch, batch + 1, ...`` of the plan."""
+        if not 0 <= batch <= len(self):
+            raise ValueError(f"start batch {batch} is outside this epoch's {len(self)} batches")
+        self._stream.start_batch = batch
+
+    @property
+    def start_batch(self) -> int:
+        return self._stream.start_batch
 
     def __len__(self) -> int:
         return sum(plan.num_batches for plan in self._stream.plans())
@@ -302,7 +346,7 @@ class ShardLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         loader = DataLoader(self._stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                             worker_init_fn=_freeze_inherited_objects)  # fmt: skip
-        expected, produced = len(self), 0
+        expected, produced = len(self) - self.start_batch, 0
         for images, labels, skipped in loader:
             self.skipped += skipped
             produced += 1

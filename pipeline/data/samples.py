@@ -48,7 +48,7 @@ def iter_shard(url: str, offset: int = 0) -> Iterator[dict]:
     """The samples of one shard as webdataset's tar iterators read them: dicts of raw bytes with ``__key__``
     and ``__url__`` (the independent reader ``verify_shards`` checks with; training reads ``tar.read_shard``).
 
-    ``offset``: start at this byte offset, a sample boundary from the manifest (local files only).
+    ``offset``: start at this byte offset, a sample boundary from the manifest (local files and http(s)).
     Raises ShardError naming the shard (and the last good key) when it cannot be opened or read.
     """
     from webdataset import tariterators
@@ -63,7 +63,7 @@ def iter_shard(url: str, offset: int = 0) -> Iterator[dict]:
 
 
 def checked_samples(url: str, offset: int, read: Callable[[IO[bytes]], Iterable[dict]]) -> Iterator[dict]:
-    """Open shard ``url`` (at byte ``offset``, local files only) and yield the samples ``read(stream)`` gives.
+    """Open shard ``url`` (at byte ``offset``: local files, or an https range) and yield the samples ``read(stream)`` gives.
 
     Every failure becomes a ShardError naming the shard and the last good key: the shard cannot be opened,
     ``read`` raises, or a sample lacks its label or image (a truncated or damaged shard).
@@ -71,7 +71,9 @@ def checked_samples(url: str, offset: int, read: Callable[[IO[bytes]], Iterable[
     from webdataset.gopen import gopen
 
     try:
-        if offset:
+        if offset and url.startswith(("http://", "https://")):
+            stream = _http_range(url, offset)
+        elif offset:
             stream = open(local_path(url), "rb")
             stream.seek(offset)
         else:
@@ -103,6 +105,21 @@ def checked_samples(url: str, offset: int, read: Callable[[IO[bytes]], Iterable[
             stream.close()
         except Exception:
             pass  # a pipe we stopped reading early exits with SIGPIPE; nothing to report
+
+
+def _http_range(url: str, offset: int):
+    """A response streaming ``url`` from byte ``offset`` (an HTTP Range request; the server must honour it)."""
+    import urllib.request
+
+    response = urllib.request.urlopen(urllib.request.Request(url, headers={"Range": f"bytes={offset}-"}), timeout=60)
+    if response.status != 206:  # the server sent the whole file: pass over the bytes before the offset
+        left = offset
+        while left > 0:
+            chunk = response.read(min(left, 1 << 20))
+            if not chunk:
+                raise OSError(f"the shard ended before byte {offset}")
+            left -= len(chunk)
+    return response
 
 
 def _exit_status(stream) -> int | None:

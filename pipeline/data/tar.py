@@ -231,7 +231,7 @@ def _pax(data: bytes, at: int, name: str | None, size: int | None) -> tuple[str 
 def read_shard(url: str, offset: int = 0) -> Iterator[dict]:
     """The samples of one shard (``samples.iter_shard``'s contract, on this reader).
 
-    ``offset``: start at this byte offset, a sample boundary from the manifest (local files only).
+    ``offset``: start at this byte offset, a sample boundary from the manifest (local files and http(s)).
     Raises ShardError naming the shard (and the last good key) when it cannot be opened or read, or
     when a sample lacks its label or image.
     """
