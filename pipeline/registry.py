@@ -387,12 +387,14 @@ def _model_from_state(state: dict, inference: bool):
     """The model of a checkpoint's state (the weights its metric was measured on, as the training loop's
     final model), and its config."""
     from pipeline.train.build import build_model, to_inference_form
+    from pipeline.train.checkpoint import load_weights
     from pipeline.train.config import TrainConfig
 
     config = TrainConfig.from_dict(state["config"])
     model = build_model(config)
     use_ema = config.checkpoint.metric.startswith("val_ema/")
-    model.load_state_dict(state["ema"] if use_ema else state["model"])
+    load_weights(model, state["ema"] if use_ema else state["model"], source=f"the checkpoint of run "
+                 f"{state.get('run_name')!r}", model_name=config.model.name)  # fmt: skip
     if inference:
         to_inference_form(model)
     return model.eval(), config

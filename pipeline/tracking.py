@@ -10,29 +10,100 @@ Two halves, so that exactly one process writes at a time:
 
 The tracking URI is always explicit (an absolute ``sqlite:///`` path or a server URL): Ray workers run in
 another working directory, where MLflow's relative default would open a different store.
+
+MLflow outages (a server restarting, a network blip): a call that fails with a connection error or a 5xx
+is retried with backoff, for up to ``mlflow.outage_wait_s``, and never taken for "run not found" (so a
+resumed run never forks its MLflow run). While training, rank 0 hands metrics and tags to a sender thread:
+training goes on through an outage and the points, with their original timestamps, are logged when the
+server is back. Where MLflow stays down past the wait (at the start, or when the run's end must be
+recorded) the run fails with :class:`TrackingUnavailableError`, naming the server; checkpoints are safe.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import queue
 import subprocess
-from collections.abc import Iterable, Mapping
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import mlflow
-from mlflow.entities import Param, RunTag
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-__all__ = ["RunLogger", "close_run", "experiment_id", "model_logging", "open_run", "run_status", "run_tags"]
+__all__ = ["RunLogger", "TrackingUnavailableError", "close_run", "experiment_id", "model_logging", "open_run",
+           "retrying", "run_status", "run_tags"]
 
 TAG_STATUS = "vitpipe.status"  # running | finished | non_finite_loss | failed
 TAG_RUN_DIR = "vitpipe.run_dir"
 TAG_FINAL_MODEL = "vitpipe.final_model"  # the serialization format, once the final model is logged
 GIT_COMMIT_ENV = "VITPIPE_GIT_COMMIT"  # the commit tag when the code runs without .git
 _BATCH = 100  # MLflow's limit of params or tags per log_batch
+OUTAGE_WAIT_S = 600.0  # default of mlflow.outage_wait_s
+T = TypeVar("T")
+
+
+class TrackingUnavailableError(RuntimeError):
+    """MLflow stayed unreachable (connection errors or 5xx) for longer than the run waits for it."""
+
+
+def is_transient(err: BaseException) -> bool:
+    """An error that may pass (server down, restarting, overloaded), not MLflow refusing the request."""
+    import requests
+
+    if isinstance(err, MlflowException):
+        return err.get_http_status_code() >= 500  # MLflow reports a refused connection as INTERNAL_ERROR
+    return isinstance(err, (ConnectionError, TimeoutError, requests.exceptions.RequestException))
+
+
+def retrying(call: Callable[[], T], what: str, *, uri: str, wait_s: float = OUTAGE_WAIT_S) -> T:
+    """``call()``, retried with backoff on transient errors for up to ``wait_s``; other errors raise at once."""
+    deadline = time.monotonic() + wait_s
+    delay, warned = 1.0, False
+    while True:
+        try:
+            return call()
+        except Exception as err:
+            if not is_transient(err):
+                raise
+            if time.monotonic() + delay > deadline:
+                raise TrackingUnavailableError(f"MLflow at {uri} was unreachable for {wait_s:g} s (mlflow.outage_wait_s) "
+                                               f"while {what}: {_first_line(err)}") from err  # fmt: skip
+            if not warned:
+                print(f"[vitpipe] MLflow at {uri} is unreachable while {what} ({_first_line(err)}); retrying for up "
+                      f"to {wait_s:g} s", flush=True)  # fmt: skip
+                warned = True
+            time.sleep(delay)
+            delay = min(2 * delay, 10.0)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
+
+
+def _short_http_retries() -> None:
+    """MLflow's own HTTP retries (7, with backoff up to minutes) would hide an outage inside one call; ours
+    (:func:`retrying`, the sender thread) wait it out instead. A user's own setting is kept."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+
+
+class _PatientClient:
+    """An ``MlflowClient`` whose every call waits out an outage (:func:`retrying`)."""
+
+    def __init__(self, uri: str, wait_s: float):
+        _short_http_retries()
+        self._client, self._uri, self._wait_s = MlflowClient(uri), uri, wait_s
+
+    def __getattr__(self, name: str):
+        method = getattr(self._client, name)
+        return lambda *args, **kwargs: retrying(lambda: method(*args, **kwargs), f"calling {name}", uri=self._uri,
+                                                wait_s=self._wait_s)  # fmt: skip
 
 
 def _git(*args: str) -> str | None:
@@ -100,18 +171,23 @@ def open_run(
     tags: Mapping[str, str],
     artifacts: Mapping[str, str] | None = None,
     resume_run_id: str | None = None,
+    outage_wait_s: float = OUTAGE_WAIT_S,
 ) -> tuple[str, bool]:
     """The MLflow run for a training run: ``(run_id, resumed)``.
 
     With ``resume_run_id`` (from the checkpoint being resumed) and that run in the store, the run is
     continued: nothing is re-logged, so params stay those of the first start. Otherwise a new run is
     created with ``params`` (values stringified), ``tags`` and text ``artifacts`` (file name -> text).
+    Only MLflow's "does not exist" starts a new run in place of ``resume_run_id``: an unreachable server is
+    waited for (``outage_wait_s``), then :class:`TrackingUnavailableError`.
     """
-    client = MlflowClient(tracking_uri)
+    client = _PatientClient(tracking_uri, outage_wait_s)
     if resume_run_id is not None:
         try:
             run = client.get_run(resume_run_id)
-        except MlflowException:
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
             print(f"[vitpipe] MLflow run {resume_run_id} of the checkpoint is not in {tracking_uri}: starting a new one")
         else:
             client.set_tag(run.info.run_id, TAG_STATUS, "running")
@@ -126,18 +202,20 @@ def open_run(
     return run_id, False
 
 
-def run_status(tracking_uri: str, run_id: str) -> dict[str, str] | None:
+def run_status(tracking_uri: str, run_id: str, outage_wait_s: float = OUTAGE_WAIT_S) -> dict[str, str] | None:
     """``{"status": <MLflow status>, **vitpipe tags}`` of a run, or None if the store lacks it."""
     try:
-        run = MlflowClient(tracking_uri).get_run(run_id)
-    except MlflowException:
+        run = _PatientClient(tracking_uri, outage_wait_s).get_run(run_id)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
         return None
     return {"status": run.info.status, **{k: v for k, v in run.data.tags.items() if k.startswith("vitpipe.")}}
 
 
-def close_run(tracking_uri: str, run_id: str, status: str, reason: str) -> None:
+def close_run(tracking_uri: str, run_id: str, status: str, reason: str, outage_wait_s: float = OUTAGE_WAIT_S) -> None:
     """Mark a run that ended without rank 0 closing it (worker failures beyond max_failures, ...)."""
-    client = MlflowClient(tracking_uri)
+    client = _PatientClient(tracking_uri, outage_wait_s)
     client.log_batch(run_id, tags=[RunTag(TAG_STATUS, reason[:5000])])
     client.set_terminated(run_id, status)
 
@@ -171,55 +249,125 @@ def model_logging(model, example) -> tuple[tuple[str, ...], dict[str, Any]]:
 class RunLogger:
     """Rank 0's handle on the run the driver opened. Use as a context manager around training.
 
-    On an exception the run is marked FAILED; a restarted worker group reopens it (status RUNNING).
+    Metrics and tags go to a sender thread, so an MLflow outage does not stall training (module docstring);
+    artifacts, figures and the model are logged at once, after everything queued before them. On an
+    exception the run is marked FAILED; a restarted worker group reopens it (status RUNNING).
     """
 
-    def __init__(self, tracking_uri: str, run_id: str, *, system_metrics: bool = True, system_metrics_interval_s: float = 10.0):
+    def __init__(self, tracking_uri: str, run_id: str, *, system_metrics: bool = True,
+                 system_metrics_interval_s: float = 10.0, outage_wait_s: float = OUTAGE_WAIT_S):  # fmt: skip
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.system_metrics = system_metrics
         self.system_metrics_interval_s = system_metrics_interval_s
-        self.client = MlflowClient(tracking_uri)
+        self.outage_wait_s = outage_wait_s
+        self.client = _PatientClient(tracking_uri, outage_wait_s)  # (sets MLflow's own retries short)
+        self._queue: queue.Queue = queue.Queue()  # (metrics, tags) batches; None stops the sender
+        self._sender = threading.Thread(target=self._send_batches, name="vitpipe-mlflow-sender", daemon=True)
+
+    def _call(self, call: Callable[[], T], what: str) -> T:
+        return retrying(call, what, uri=self.tracking_uri, wait_s=self.outage_wait_s)
 
     def __enter__(self) -> RunLogger:
         mlflow.set_tracking_uri(self.tracking_uri)
         if self.system_metrics:
             mlflow.set_system_metrics_sampling_interval(self.system_metrics_interval_s)
-        mlflow.start_run(run_id=self.run_id, log_system_metrics=self.system_metrics)  # RUNNING again on a restart
+        # RUNNING again on a restart
+        self._call(lambda: mlflow.start_run(run_id=self.run_id, log_system_metrics=self.system_metrics),
+                   "reopening the run")  # fmt: skip
+        self._sender.start()
         self.tags({TAG_STATUS: "running"})
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if mlflow.active_run() is not None:
-            if exc_type is not None:
-                self.tags({TAG_STATUS: f"failed: {exc_type.__name__}: {exc}"[:5000]})
-            mlflow.end_run("FAILED" if exc_type is not None else "FINISHED")
+        try:
+            if mlflow.active_run() is not None:
+                if exc_type is not None:
+                    self.tags({TAG_STATUS: f"failed: {exc_type.__name__}: {exc}"[:5000]})
+                self._end("FAILED" if exc_type is not None else "FINISHED")
+        except TrackingUnavailableError as err:
+            if exc_type is None:
+                raise
+            print(f"[vitpipe] {err}", flush=True)  # the run's own error is the one to raise
+        finally:
+            self._queue.put(None)
+
+    def _end(self, status: str) -> None:
+        self.flush()
+        self._call(lambda: mlflow.end_run(status), "ending the run")
 
     def finish(self, status: str, reason: str) -> None:
         """End the run now: ``status`` is MLflow's (FINISHED, FAILED), ``reason`` goes to the status tag."""
         self.tags({TAG_STATUS: reason})
-        mlflow.end_run(status)
+        self._end(status)
 
     def metrics(self, values: Mapping[str, float], step: int) -> None:
-        mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step)
+        """Queued with the time of this call; sent by the sender thread."""
+        timestamp = int(time.time() * 1000)
+        self._queue.put(([Metric(k, float(v), timestamp, step) for k, v in values.items()], []))
 
     def tags(self, values: Mapping[str, str]) -> None:
-        mlflow.set_tags(dict(values))
+        self._queue.put(([], [RunTag(k, str(v)) for k, v in values.items()]))
+
+    def sent(self, within_s: float) -> bool:
+        """Whether everything queued is logged, waiting up to ``within_s``: an epoch's metrics are in MLflow
+        before the next epoch starts (a process killed later loses none), unless MLflow is down."""
+        done = self._queue.all_tasks_done
+        with done:
+            return done.wait_for(lambda: self._queue.unfinished_tasks == 0, timeout=within_s)
+
+    def flush(self) -> None:
+        """Wait until every queued metric and tag is logged; TrackingUnavailableError after ``outage_wait_s``."""
+        if not self.sent(self.outage_wait_s):
+            raise TrackingUnavailableError(
+                f"MLflow at {self.tracking_uri} was unreachable for {self.outage_wait_s:g} s (mlflow.outage_wait_s);"
+                f" {self._queue.unfinished_tasks} batch(es) of metrics and tags of run {self.run_id} are not logged"
+            )  # fmt: skip
+
+    def _send_batches(self) -> None:
+        client = MlflowClient(self.tracking_uri)
+        while (batch := self._queue.get()) is not None:
+            metrics, tags = batch
+            down_since, delay = None, 1.0
+            while True:
+                try:
+                    client.log_batch(self.run_id, metrics=metrics, tags=tags)
+                    break
+                except Exception as err:  # noqa: BLE001 - the sender must outlive any error
+                    if not is_transient(err):
+                        print(f"[vitpipe] MLflow refused {len(metrics)} metric(s) and {len(tags)} tag(s): "
+                              f"{_first_line(err)}", flush=True)  # fmt: skip
+                        break
+                    if down_since is None:
+                        down_since = time.monotonic()
+                        print(f"[vitpipe] MLflow at {self.tracking_uri} is unreachable ({_first_line(err)}): "
+                              "training goes on, metrics are kept and logged when it is back", flush=True)  # fmt: skip
+                    time.sleep(delay)
+                    delay = min(2 * delay, 10.0)
+            if down_since is not None:
+                print(f"[vitpipe] MLflow at {self.tracking_uri} is back after {time.monotonic() - down_since:.0f} s: "
+                      "the kept metrics are logged", flush=True)  # fmt: skip
+            self._queue.task_done()
+        self._queue.task_done()
 
     def artifact(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        mlflow.log_artifact(os.fspath(local_path), artifact_path)
+        self.flush()
+        self._call(lambda: mlflow.log_artifact(os.fspath(local_path), artifact_path), f"logging {local_path}")
 
     def text(self, text: str, artifact_file: str) -> None:
-        mlflow.log_text(text, artifact_file)
+        self.flush()
+        self._call(lambda: mlflow.log_text(text, artifact_file), f"logging {artifact_file}")
 
     def figure(self, figure, artifact_file: str) -> None:
         import matplotlib.pyplot as plt
 
-        mlflow.log_figure(figure, artifact_file)
+        self.flush()
+        self._call(lambda: mlflow.log_figure(figure, artifact_file), f"logging {artifact_file}")
         plt.close(figure)
 
     def history(self, key: str) -> list[tuple[int, float]]:
         """``(step, value)`` of a metric, one per step (the last value logged at a step wins)."""
+        self.flush()
         by_step = {}
         for m in sorted(self.client.get_metric_history(self.run_id, key), key=lambda m: m.timestamp):
             by_step[m.step] = m.value
@@ -268,9 +416,13 @@ class RunLogger:
         formats, logging_kwargs = model_logging(model, input_example)
         if serialization != "auto":
             formats = (serialization,)
+        self.flush()
         for index, fmt in enumerate(formats):
             try:
-                mlflow.pytorch.log_model(model, name=name, serialization_format=fmt, **logging_kwargs)
+                self._call(lambda: mlflow.pytorch.log_model(model, name=name, serialization_format=fmt, **logging_kwargs),
+                           f"logging the model as {fmt}")  # fmt: skip
+            except TrackingUnavailableError:
+                raise
             except Exception as err:  # noqa: BLE001 - torch.export rejects some models; try the next format
                 if index == len(formats) - 1:
                     raise

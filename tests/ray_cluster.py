@@ -183,6 +183,17 @@ class RayCluster:
             raise RuntimeError(f"could not list the nodes:\n{done.stdout}\n{done.stderr}")
         return json.loads(line.split(" ", 1)[1])
 
+    def train_worker_pids(self) -> list[int]:
+        """PIDs of the live Ray Train worker processes, found through Ray's state API."""
+        probe = ("import json, ray; from ray.util.state import list_actors; ray.init(address=%r, logging_level='ERROR'); "
+                 "print('PIDS', json.dumps([a.pid for a in list_actors(filters=[('class_name', '=', 'RayTrainWorker'), "
+                 "('state', '=', 'ALIVE')])]))") % self.gcs_address  # fmt: skip
+        done = subprocess.run([sys.executable, "-c", probe], env=self.env, capture_output=True, text=True, timeout=120)
+        line = next((x for x in done.stdout.splitlines() if x.startswith("PIDS ")), None)
+        if line is None:
+            raise RuntimeError(f"could not list the actors:\n{done.stdout}\n{done.stderr}")
+        return json.loads(line.split(" ", 1)[1])
+
     def wait_for_nodes(self, count: int, timeout_s: float = 120.0) -> list[dict]:
         deadline = time.monotonic() + timeout_s
         while len(alive := self.alive_nodes()) != count:

@@ -10,16 +10,19 @@ directory, so what a run writes outside ``storage_path`` (and the MLflow store) 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline.train.checkpoint import checkpoint_dir_name, load_checkpoint, load_model
+from pipeline.train.checkpoint import checkpoint_dir_name, load_checkpoint, load_model, step_checkpoint_dir_name
 from pipeline.train.config import TrainConfig
 from tests.ray_cluster import RayCluster
 from tests.test_train_ray import _top1_single_process
@@ -48,7 +51,7 @@ def _start(cluster: RayCluster, work: Path, command: str, settings: dict, *args:
     """``vitpipe COMMAND --address HEAD ...`` from an empty working directory; stdout+stderr to a log file."""
     cwd = work / "driver"
     cwd.mkdir(parents=True, exist_ok=True)
-    log = work / f"{command}.log"
+    log = work / f"{command}-{settings.get('run_name', 'sweep')}.log"
     argv = [str(VITPIPE), command, "--config", str(REPO / "configs" / "tiny_cpu.yaml"),
             "--address", cluster.gcs_address, *args]  # fmt: skip
     for key, value in settings.items():
@@ -190,3 +193,51 @@ def test_losing_a_node_without_a_replacement_fails_naming_the_node(ray_cluster, 
     client = MlflowClient(config_settings["mlflow.tracking_uri"])
     (run,) = client.search_runs([client.get_experiment_by_name("multinode").experiment_id])
     assert run.info.status == "FAILED" and lost.ip in run.data.tags["vitpipe.status"]
+
+
+@pytest.mark.timeout(600)
+def test_a_sigkilled_worker_redoes_at_most_every_steps_and_ends_with_the_uninterrupted_weights(
+    ray_cluster, digits_shards, tmp_path
+):
+    """Issue 20's fault, for real: one Ray Train worker process (found through Ray's state API) SIGKILLed in
+    epoch 2, just after the step-25 mid-epoch checkpoint. The group restarts from it, continues epoch 2's plan
+    at batch 25 - 21 = 4, and ends with the weights of a run that was never interrupted (no random
+    augmentation: the data order is the only randomness, and it is the same)."""
+    cluster = ray_cluster
+    cluster.ensure_nodes(2)
+    every = 5
+    base = _settings(digits_shards, tmp_path, **{"optim.epochs": 3, "max_failures": 1, "checkpoint.every_steps": every,
+                     "data.crop_scale": "[1.0, 1.0]", "log_every": 1, "mlflow.log_model": False})  # fmt: skip
+    killed_settings = {**base, "run_name": "killed"}
+    process, log = _start(cluster, tmp_path, "train", killed_settings, "--new")
+    run_dir = tmp_path / "shared" / "runs" / "killed"
+    deadline = time.monotonic() + 240
+    while len(pids := cluster.train_worker_pids()) != 2:
+        assert time.monotonic() < deadline and process.poll() is None, log.read_text()[-6000:]
+        time.sleep(0.5)
+    _wait_for(run_dir / step_checkpoint_dir_name(25) / "meta.json", process, log, timeout_s=240)  # 21 steps/epoch
+    os.kill(pids[0], signal.SIGKILL)
+    output = _wait(process, log, timeout_s=420)
+    assert process.returncode == 0, output[-6000:]
+
+    client = MlflowClient(base["mlflow.tracking_uri"])
+    experiment = client.get_experiment_by_name("multinode").experiment_id
+    (run,) = client.search_runs([experiment], filter_string="attributes.run_name = 'killed'")
+    assert run.info.status == "FINISHED"
+    resumed = int(run.data.tags["vitpipe.resumed_from_step"])
+    assert 25 <= resumed < 42 and resumed % every == 0, resumed  # a mid-epoch-2 checkpoint, not epoch 1's end
+    assert f"in epoch 2 at batch {resumed - 21} (step {resumed})" in output
+    for key in ("train/loss", "val/top1"):
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [1, 2, 3], key
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss_step")]
+    redone = {step for step in steps if steps.count(step) > 1}
+    assert len(redone) <= every and all(resumed < step for step in redone), sorted(redone)
+    assert not list(run_dir.glob("step_checkpoint*")), "step checkpoints outlived the epoch-end one"
+
+    # The same run, never interrupted.
+    process, log = _start(cluster, tmp_path, "train", {**base, "run_name": "whole"}, "--new")
+    assert _wait(process, log, timeout_s=300) and process.returncode == 0, log.read_text()[-6000:]
+    killed = load_checkpoint(run_dir / checkpoint_dir_name(3))["model"]
+    whole = load_checkpoint(tmp_path / "shared" / "runs" / "whole" / checkpoint_dir_name(3))["model"]
+    for name, weights in whole.items():
+        assert torch.allclose(killed[name], weights, rtol=0, atol=1e-6), name

@@ -337,3 +337,37 @@ def test_a_cascade_registers_as_pickle_with_an_input_signature_and_loads_whole(t
     images = torch.randn(3, 1, 32, 32)
     for got, want in zip(loaded(images), model.eval()(images), strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_files_that_are_not_checkpoints_or_do_not_fit_their_model_are_clear_errors(tiny_config, digits_shards,
+                                                                                    tmp_path, capsys):  # fmt: skip
+    """What a user hands `vitpipe evaluate` by mistake: Ray's snapshot JSON beside the checkpoints, a checkpoint
+    cut short by a failed copy, a torch file of someone else's, weights saved under another model's config."""
+    from pipeline.cli import main
+    from pipeline.train.checkpoint import CheckpointError, load_checkpoint
+
+    config = tiny_config(run_name="errors")
+    _save_tiny_cascade(tiny_config, tmp_path / checkpoint_dir_name(1))
+    state_file = tmp_path / checkpoint_dir_name(1) / "state.pt"
+    snapshot = tmp_path / "checkpoint_manager_snapshot.json"
+    snapshot.write_text(json.dumps({"checkpoint_results": [], "latest_checkpoint_result": None}))
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(state_file.read_bytes()[: state_file.stat().st_size // 2])
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weight": torch.zeros(3)}, foreign)
+    shards = ["--shards", str(digits_shards), "--tracking-uri", config.mlflow.tracking_uri]
+    for path, problem in ((snapshot, "is not a vitpipe checkpoint (torch.load with weights_only: "),
+                          (truncated, "is not a vitpipe checkpoint (torch.load with weights_only: "),
+                          (foreign, "is a torch file but not a vitpipe checkpoint (no model and config entries)")):
+        assert main(["evaluate", str(path), *shards]) == 2, path
+        err = capsys.readouterr().err
+        assert err.startswith(f"vitpipe evaluate: {path} {problem}"), err
+        assert "Traceback" not in err
+
+    # The cascade's weights under a plain ViT's config: which model, and what does not fit.
+    state = load_checkpoint(state_file)
+    state["config"] = config.to_dict()
+    mismatched = save_checkpoint(tmp_path / "mismatched", state)
+    with pytest.raises(CheckpointError, match=r"its weights are not those of vit_msa_nano as configured here: "
+                                              r"\d+ missing \(.*\d+ unexpected"):  # fmt: skip
+        load(mismatched)

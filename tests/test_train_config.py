@@ -171,12 +171,17 @@ def test_cli_reports_config_errors_before_ray_starts(digits_shards, tmp_path, mo
         "optim.scheduler=cosinee": "optim.scheduler: Unknown scheduler",
         "method.dvt.exit_weights=[1.0, 1.0]": "method.dvt.exit_weights: 2 weights for a model with 1 exit(s)",
         f"data.train={tmp_path / 'missing'}": "data.train:",
+        # a file where the storage folder should be: unwritable (as root too, unlike a read-only folder)
+        f"storage_path={tmp_path / 'a_file' / 'runs'}": f"storage_path {tmp_path / 'a_file' / 'runs'}: cannot write "
+                                                        "there (NotADirectoryError",
     }
+    (tmp_path / "a_file").write_text("not a folder")
     for override, message in cases.items():
         assert main(["train", "--config", str(path), "--set", override]) == 2, override
         assert message in capsys.readouterr().err, override
     assert main(["train", "--config", str(tmp_path / "absent.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
+    assert not (tmp_path / "mlflow.db").exists()  # no MLflow run opened for any of them
 
 
 def test_dry_run_prints_the_resolved_config(digits_shards, tmp_path, capsys):

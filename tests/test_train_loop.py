@@ -228,7 +228,7 @@ def test_checkpoint_round_trip_without_ray(tmp_path):
     restored = _setup(config, CPU)
     restored.updates_per_epoch = 3
     restored.scheduler = _scheduler(config, restored.optimizer, updates_per_epoch=3)
-    restored.load(load_checkpoint(path.parent))
+    restored.load(load_checkpoint(path.parent), model_name=config.model.name)
     for a, b in zip(state.model.state_dict().values(), restored.model.state_dict().values()):
         assert torch.equal(a, b)
     assert restored.optimizer.param_groups[0]["lr"] == state.optimizer.param_groups[0]["lr"]
@@ -239,7 +239,7 @@ def test_checkpoint_round_trip_without_ray(tmp_path):
     rescaled = _setup(config, CPU)
     rescaled.updates_per_epoch = 6
     rescaled.scheduler = _scheduler(config, rescaled.optimizer, updates_per_epoch=6)
-    rescaled.load(load_checkpoint(path.parent))
+    rescaled.load(load_checkpoint(path.parent), model_name=config.model.name)
     assert rescaled.global_step == 6
     lr = state.optimizer.param_groups[0]["lr"]
     assert rescaled.optimizer.param_groups[0]["lr"] == pytest.approx(lr)
@@ -316,7 +316,7 @@ def test_compiled_training_matches_eager_and_checkpoints_the_plain_model(tmp_pat
     restored = _setup(config, CPU)  # resuming a compiled run
     restored.updates_per_epoch = 3
     restored.scheduler = _scheduler(config, restored.optimizer, updates_per_epoch=3)
-    restored.load(load_checkpoint(path.parent))
+    restored.load(load_checkpoint(path.parent), model_name=config.model.name)
     images = batches[0][0]
     with torch.no_grad():
         assert torch.allclose(restored.evaluated()(images), state.model.eval()(images), atol=1e-6)
@@ -352,7 +352,7 @@ def test_state_dicts_of_compiled_or_ddp_wrapped_models_load(tmp_path):
             assert torch.equal(a, b), kind
         resumed = _setup(config, CPU)
         resumed.scheduler = _scheduler(config, resumed.optimizer, updates_per_epoch=100)
-        resumed.load(saved)  # a dict handed over directly, not read by load_checkpoint
+        resumed.load(saved, model_name=config.model.name)  # a dict handed over directly, not read by load_checkpoint
         assert torch.equal(resumed.model.state_dict()["head.weight"], plain["head.weight"]), kind
     # A submodule that happens to be called `module` keeps its name when other keys lack the prefix.
     named = nn.ModuleDict({"module": nn.Linear(2, 2), "head": nn.Linear(2, 2)}).state_dict()

@@ -36,6 +36,19 @@ def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
+def _timm_lr(config, step: int) -> float:
+    """The learning rate timm's scheduler gives at ``step`` for a fresh run of ``config`` (21 steps per epoch)."""
+    from timm.scheduler import create_scheduler_v2
+
+    opt = config.optim
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=opt.lr)
+    scheduler, _ = create_scheduler_v2(optimizer, sched=opt.scheduler, num_epochs=opt.epochs,
+                                       warmup_epochs=opt.warmup_epochs, warmup_lr=opt.warmup_lr, min_lr=opt.min_lr,
+                                       step_on_epochs=False, updates_per_epoch=21)  # fmt: skip
+    scheduler.step_update(step)
+    return optimizer.param_groups[0]["lr"]
+
+
 @torch.no_grad()
 def _top1_single_process(model, config) -> float:
     """Top-1 (%) over the whole val split in one process: the reference for the ranks' reduced value."""
@@ -109,13 +122,18 @@ def test_worker_failure_restarts_from_checkpoint_and_rerun_resumes_one_mlflow_ru
     assert run.info.status == "FINISHED" and run.data.tags["vitpipe.resumed_from_epoch"] == "1"
     assert _steps(client, run.info.run_id, "val/top1") == [1, 2]  # each epoch logged once
 
-    # Re-running the same name with more epochs resumes after epoch 2, into the same MLflow run.
-    more = tiny_config(max_failures=1, optim__epochs=3)
+    # Re-running the same name with more epochs resumes after epoch 2, into the same MLflow run, with the
+    # learning-rate schedule re-planned over the new total (the old plan had reached min_lr at step 42).
+    more = tiny_config(max_failures=1, optim__epochs=4)
     resumed = train(more)
-    assert resumed["epochs_done"] == 3 and resumed["mlflow_run_id"] == run.info.run_id
+    assert resumed["epochs_done"] == 4 and resumed["mlflow_run_id"] == run.info.run_id
+    assert "the learning-rate schedule is re-planned over 4 epochs from step 42" in capfd.readouterr().out
     (run,) = _runs(config)
-    assert run.info.status == "FINISHED" and _steps(client, run.info.run_id, "val/top1") == [1, 2, 3]
-    assert load_checkpoint(latest_checkpoint(more.run_dir)[0])["global_step"] == 3 * 21
+    assert run.info.status == "FINISHED" and _steps(client, run.info.run_id, "val/top1") == [1, 2, 3, 4]
+    assert load_checkpoint(latest_checkpoint(more.run_dir)[0])["global_step"] == 4 * 21
+    lr = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/lr")}
+    assert lr[3] == pytest.approx(_timm_lr(more, step=3 * 21), rel=1e-6) and lr[3] > 10 * more.optim.min_lr
+    assert lr[2] == pytest.approx(more.optim.min_lr)  # the 2-epoch plan's end
 
     # And once more: nothing left to train; Ray is not even asked.
     assert train(more)["status"] == "already_finished"

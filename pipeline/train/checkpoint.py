@@ -7,29 +7,47 @@ A checkpoint is a directory ``checkpoint_epochNNNN`` under the run directory
   metrics; tensors and plain Python types only, so ``torch.load(..., weights_only=True)`` reads it;
 - ``meta.json``: the small plain part (epoch, metrics, MLflow run id), readable without torch.
 
+With ``checkpoint.every_steps`` the loop also writes mid-epoch checkpoints ``step_checkpointNNNNNNNN``
+(by global step; only the newest is kept) holding the same plus the position in the epoch in progress
+(``batches_done``), every rank's RNG states and the epoch's running loss, so a resumed run continues that
+epoch's plan at the next batch.
+
 Paths may be local or any URI pyarrow understands (``s3://...``), as for Ray's ``storage_path``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
 import re
+import shutil
+import tempfile
+import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 __all__ = [
+    "CheckpointError",
     "STATE_FILE",
     "META_FILE",
+    "check_writable",
     "checkpoint_dir_name",
     "delete_run_dir",
+    "StepCheckpointer",
     "latest_checkpoint",
+    "latest_step_checkpoint",
+    "local_copy",
     "load_checkpoint",
     "load_model",
+    "load_weights",
     "save_checkpoint",
+    "step_checkpoint_dir_name",
     "strip_wrapper_prefixes",
 ]
 
@@ -37,12 +55,19 @@ STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
 _DIR_PATTERN = re.compile(r"^checkpoint_epoch(\d{4,})$")
-_META_KEYS = ("format_version", "epochs_done", "global_step", "metrics", "mlflow_run_id", "run_name", "config")
+_STEP_PATTERN = re.compile(r"^step_checkpoint(\d{8,})$")
+_META_KEYS = ("format_version", "epochs_done", "batches_done", "global_step", "updates_per_epoch", "metrics",
+              "mlflow_run_id", "run_name", "config")
 _COMPILED = re.compile(r"(^|\.)_orig_mod\.")  # torch.compile's wrapper, at the top or around a submodule
 
 
 def checkpoint_dir_name(epochs_done: int) -> str:
     return f"checkpoint_epoch{epochs_done:04d}"
+
+
+def step_checkpoint_dir_name(global_step: int) -> str:
+    """A mid-epoch checkpoint (``checkpoint.every_steps``): the loop's own, beside Ray's epoch checkpoints."""
+    return f"step_checkpoint{global_step:08d}"
 
 
 def save_checkpoint(directory: str | os.PathLike, state: dict[str, Any]) -> Path:
@@ -92,14 +117,42 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         path = path / STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:  # JSON, text, truncated, foreign
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} is not a vitpipe checkpoint (torch.load with weights_only: {first}); a "
+                              f"checkpoint is a {_DIR_PATTERN.pattern[1:-1]} directory holding {STATE_FILE}") from None
+    if not isinstance(state, dict) or not {"model", "config"} <= set(state):
+        raise CheckpointError(f"{path} is a torch file but not a vitpipe checkpoint (no model and config entries)")
     version = state.get("format_version")
     if version != FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format {version}, this code reads {FORMAT_VERSION}")
+        raise CheckpointError(f"{path}: checkpoint format {version}, this code reads {FORMAT_VERSION}")
     for key in ("model", "ema"):
         if state.get(key) is not None:
             state[key] = strip_wrapper_prefixes(state[key])
     return state
+
+
+class CheckpointError(ValueError):
+    """A file that is not a checkpoint, or one whose weights do not fit the model they are loaded into."""
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], *, source: Any, model_name: str) -> None:
+    """``model.load_state_dict(weights)``, failing with a :class:`CheckpointError` that says which checkpoint
+    does not fit which model, and how (missing, unexpected and mis-shaped entries, a few of each)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in weights and tuple(weights[k].shape) != tuple(v.shape)]  # fmt: skip
+    if missing or unexpected or shapes:
+        problems = [f"{len(items)} {what} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})"
+                    for what, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes))
+                    if items]  # fmt: skip
+        raise CheckpointError(f"{source}: its weights are not those of {model_name} as configured here: "
+                              f"{'; '.join(problems)}. Was it saved by another model or model.kwargs?")  # fmt: skip
+    model.load_state_dict(weights)
 
 
 def load_model(
@@ -118,8 +171,8 @@ def load_model(
     model = build_model(config)
     weights = state["ema"] if ema else state["model"]
     if weights is None:
-        raise ValueError(f"{path}: holds no EMA weights (the run trained without optim.ema)")
-    model.load_state_dict(weights)
+        raise CheckpointError(f"{path}: holds no EMA weights (the run trained without optim.ema)")
+    load_weights(model, weights, source=path, model_name=config.model.name)
     if inference:
         to_inference_form(model)
     return model.eval()
@@ -131,11 +184,10 @@ def _filesystem(uri: str):
     return pyarrow.fs.FileSystem.from_uri(uri)
 
 
-def latest_checkpoint(run_dir: str) -> tuple[str, dict[str, Any]] | None:
-    """The newest complete checkpoint of a run directory and its ``meta.json``, or None.
+def _complete_checkpoints(run_dir: str, pattern: re.Pattern) -> list[tuple[str, dict[str, Any]]]:
+    """``(uri, meta)`` of the run directory's checkpoints whose names match, newest (by number) first.
 
-    Used by the driver to decide between resuming and starting, and to find the MLflow run to continue.
-    A directory without a readable ``meta.json`` (an interrupted upload) is skipped.
+    A directory without a readable ``meta.json`` (an upload cut short: meta.json is written last) is skipped.
     """
     import pyarrow.fs
 
@@ -143,21 +195,111 @@ def latest_checkpoint(run_dir: str) -> tuple[str, dict[str, Any]] | None:
     try:
         infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
     except (FileNotFoundError, NotADirectoryError):
-        return None
+        return []
     candidates = []
     for info in infos:
-        match = _DIR_PATTERN.match(info.base_name)
+        match = pattern.match(info.base_name)
         if info.type == pyarrow.fs.FileType.Directory and match:
             candidates.append((int(match.group(1)), info.path))
+    found = []
     for _, path in sorted(candidates, reverse=True):
         try:
             with fs.open_input_stream(f"{path}/{META_FILE}") as stream:
                 meta = json.loads(stream.read().decode("utf-8"))
         except (FileNotFoundError, OSError, ValueError):
             continue
-        uri = path if "://" not in run_dir else f"{run_dir.split('://', 1)[0]}://{path}"
-        return uri, meta
-    return None
+        found.append((path if "://" not in run_dir else f"{run_dir.split('://', 1)[0]}://{path}", meta))
+    return found
+
+
+def latest_checkpoint(run_dir: str) -> tuple[str, dict[str, Any]] | None:
+    """The newest complete checkpoint of a run directory, epoch-end or mid-epoch, and its ``meta.json``; or None.
+
+    Used by the driver to decide between resuming and starting, and to find the MLflow run to continue.
+    Newest means furthest in training (global step); at a tie the epoch-end checkpoint wins.
+    """
+    epoch = _complete_checkpoints(run_dir, _DIR_PATTERN)[:1]
+    step = _complete_checkpoints(run_dir, _STEP_PATTERN)[:1]
+    ranked = sorted(epoch + step, key=lambda found: (found[1].get("global_step", 0), found in epoch))
+    return ranked[-1] if ranked else None
+
+
+def latest_step_checkpoint(run_dir: str) -> tuple[str, dict[str, Any]] | None:
+    """The newest complete mid-epoch checkpoint of a run directory and its ``meta.json``, or None."""
+    found = _complete_checkpoints(run_dir, _STEP_PATTERN)
+    return found[0] if found else None
+
+
+@contextlib.contextmanager
+def local_copy(uri: str) -> Iterator[str]:
+    """A checkpoint directory on this machine: ``uri`` itself when local, else a temporary download."""
+    import pyarrow.fs
+
+    if "://" not in uri or uri.startswith("file://"):
+        yield uri.removeprefix("file://")
+        return
+    with tempfile.TemporaryDirectory(prefix="vitpipe-ckpt-") as scratch:
+        fs, path = _filesystem(uri)
+        pyarrow.fs.copy_files(path, scratch, source_filesystem=fs, destination_filesystem=pyarrow.fs.LocalFileSystem())
+        yield scratch
+
+
+class StepCheckpointer:
+    """Rank 0's mid-epoch checkpoints: saved locally at once, uploaded to the run directory in a thread.
+
+    Training goes on while a checkpoint uploads; the next save waits for the previous upload (one in flight).
+    ``meta.json`` is uploaded last, so a cut-short upload is never taken for a checkpoint. Only the newest
+    step checkpoint is kept: older ones are deleted once a newer one (or an epoch-end one) is complete.
+    """
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir.rstrip("/")
+        self._upload: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, state: dict[str, Any]) -> None:
+        self.wait()
+        scratch = tempfile.mkdtemp(prefix="vitpipe-step-")
+        save_checkpoint(scratch, state)
+        target = f"{self.run_dir}/{step_checkpoint_dir_name(state['global_step'])}"
+        self._upload = threading.Thread(target=self._upload_then_prune, args=(scratch, target, state["global_step"]),
+                                        name="vitpipe-step-checkpoint", daemon=True)  # fmt: skip
+        self._upload.start()
+
+    def wait(self) -> None:
+        """Block until the upload in flight (if any) is done; raise its error."""
+        if self._upload is not None:
+            self._upload.join()
+            self._upload = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise OSError(f"uploading a step checkpoint to {self.run_dir} failed: {error}") from error
+
+    def prune(self, before_step: int) -> None:
+        """Delete the step checkpoints older than ``before_step`` (an epoch-end checkpoint there supersedes them)."""
+        self.wait()
+        fs, _ = _filesystem(self.run_dir)
+        for uri, meta in _complete_checkpoints(self.run_dir, _STEP_PATTERN):
+            if meta.get("global_step", 0) < before_step:
+                fs.delete_dir(_filesystem(uri)[1])
+
+    def _upload_then_prune(self, scratch: str, target: str, global_step: int) -> None:
+        import pyarrow.fs
+
+        try:
+            fs, path = _filesystem(target)
+            fs.create_dir(path, recursive=True)
+            local = pyarrow.fs.LocalFileSystem()
+            for name in (STATE_FILE, META_FILE):  # meta.json last: it marks the checkpoint complete
+                pyarrow.fs.copy_files(f"{scratch}/{name}", f"{path}/{name}", source_filesystem=local,
+                                      destination_filesystem=fs)  # fmt: skip
+            for uri, meta in _complete_checkpoints(self.run_dir, _STEP_PATTERN):
+                if meta.get("global_step", 0) < global_step:
+                    fs.delete_dir(_filesystem(uri)[1])
+        except BaseException as err:  # noqa: BLE001 - handed to the training thread by wait()
+            self._error = err
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def delete_run_dir(run_dir: str) -> bool:
@@ -182,3 +324,20 @@ def write_marker(uri: str) -> bool:
     with fs.open_output_stream(path) as stream:
         stream.write(b"")
     return True
+
+
+def check_writable(storage_path: str) -> None:
+    """Write and delete a probe file under ``storage_path`` (local or a pyarrow URI such as ``s3://``), so an
+    unwritable or unreachable location fails before Ray starts; raises OSError naming the path."""
+    import uuid
+
+    probe = f"{storage_path.rstrip('/')}/.vitpipe-write-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        fs, path = _filesystem(probe)
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(path) as stream:
+            stream.write(b"probe")
+        fs.delete_file(path)
+    except (OSError, ValueError) as err:  # pyarrow: PermissionError, FileNotFoundError, ArrowIOError (an OSError)
+        raise OSError(f"storage_path {storage_path}: cannot write there ({type(err).__name__}: {err})") from None
+

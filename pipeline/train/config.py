@@ -200,9 +200,14 @@ class CheckpointConfig:
     keep: int = 2  # best k by `metric`; the latest is always kept as well, for resuming
     metric: str = "val/top1"
     mode: Literal["max", "min"] = "max"
+    # Also checkpoint every this many optimizer steps inside an epoch (uploaded in the background; only the
+    # newest kept): a failure redoes at most this many steps instead of the whole epoch. None: epoch ends only.
+    every_steps: int | None = None
 
     def __post_init__(self) -> None:
         _check_positive("checkpoint.keep", self.keep)
+        if self.every_steps is not None:
+            _check_positive("checkpoint.every_steps", self.every_steps)
         if not re.fullmatch(r"(val|val_ema|train)/[A-Za-z0-9_]+", self.metric):
             raise ConfigError(f"checkpoint.metric must look like 'val/top1' or 'val_ema/loss', got {self.metric!r}")
 
@@ -217,9 +222,13 @@ class MlflowConfig:
     # pt2 (torch.export, MLflow 3's default) is safe to load; "auto" falls back to pickle when a model
     # cannot be exported and tags the run with the format used.
     model_format: Literal["auto", "pt2", "pickle"] = "auto"
+    # How long the driver and rank 0 wait for an unreachable MLflow (connection errors, 5xx) where they must
+    # (opening the run, logging its end) before the run fails; metrics logged meanwhile are kept and sent.
+    outage_wait_s: float = 600.0
 
     def __post_init__(self) -> None:
         _check_positive("mlflow.system_metrics_interval_s", self.system_metrics_interval_s)
+        _check_positive("mlflow.outage_wait_s", self.outage_wait_s)
 
 
 @dataclass

@@ -187,12 +187,18 @@ def train(config: TrainConfig, *, new: bool = False, address: str | None = None)
     """Run (or resume) a training run to the end; returns rank 0's summary. See the module docstring."""
     from pipeline import tracking
 
+    from pipeline.train.checkpoint import check_writable
+
     facts = check_model_and_optimisation(config)
+    try:
+        check_writable(config.storage_path)  # before Ray (and the MLflow run): Ray finds it out at the first save
+    except OSError as err:
+        raise ConfigError(str(err)) from None
     resume = _resume_point(config, new)
     tracking_uri = config.mlflow.tracking_uri
     if resume is not None:
         run_id = resume.get("mlflow_run_id")
-        status = tracking.run_status(tracking_uri, run_id) if run_id else None
+        status = tracking.run_status(tracking_uri, run_id, config.mlflow.outage_wait_s) if run_id else None
         if resume["epochs_done"] >= config.optim.epochs and status and status.get(tracking.TAG_STATUS) == "finished":
             print(f"[vitpipe] run {config.run_name!r} already finished its {resume['epochs_done']} epochs "
                   f"(MLflow run {run_id}); pass --new to start over, or raise optim.epochs to train on")  # fmt: skip
@@ -203,7 +209,7 @@ def train(config: TrainConfig, *, new: bool = False, address: str | None = None)
         params={**flatten(config.to_dict()), **{f"model.{k}": v for k, v in facts.items()}},
         tags={**tracking.run_tags(), tracking.TAG_RUN_DIR: config.run_dir, "vitpipe.model": config.model.name},
         artifacts={"config.yaml": yaml.safe_dump(config.to_dict(), sort_keys=False)},
-        resume_run_id=None if resume is None else resume.get("mlflow_run_id"),
+        resume_run_id=None if resume is None else resume.get("mlflow_run_id"), outage_wait_s=config.mlflow.outage_wait_s,
     )  # fmt: skip
     print(f"[vitpipe] MLflow run {run_id} ({'continued' if resumed else 'new'}) in {tracking_uri}, "
           f"experiment {config.mlflow.experiment!r}")  # fmt: skip
@@ -222,11 +228,12 @@ def train(config: TrainConfig, *, new: bool = False, address: str | None = None)
         result = trainer.fit()
     except TrainingFailedError as err:
         lost = _lost_nodes_message(config, nodes_at_start, err) if scaling.num_workers > 0 else ""
-        tracking.close_run(tracking_uri, run_id, "FAILED", f"failed: {lost}{str(err)[:2000]}")
+        tracking.close_run(tracking_uri, run_id, "FAILED", f"failed: {lost}{str(err)[:2000]}", config.mlflow.outage_wait_s)
         raise TrainingError(f"run {config.run_name!r} failed (after up to {config.max_failures} restarts): "
                             f"{lost}{err}") from err  # fmt: skip
     except KeyboardInterrupt:
-        tracking.close_run(tracking_uri, run_id, "KILLED", "interrupted: run the same command to resume")
+        tracking.close_run(tracking_uri, run_id, "KILLED", "interrupted: run the same command to resume",
+                           config.mlflow.outage_wait_s)  # fmt: skip
         raise
     summary = dict(result.return_value or {})
     summary.setdefault("mlflow_run_id", run_id)
@@ -288,7 +295,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """Exit codes: 0 done, 1 training failed, 2 config error, 3 non-finite loss."""
+    """Exit codes: 0 done, 1 training failed (or MLflow unreachable), 2 config error, 3 non-finite loss."""
+    from pipeline.tracking import TrackingUnavailableError
+
     try:
         config = prepare(args.config, args.overrides)
         if args.dry_run:
@@ -303,7 +312,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
-    except TrainingError as err:
+    except (TrainingError, TrackingUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -32,8 +32,10 @@ from torch import Tensor, nn
 
 from pipeline.train.build import build_model, classification_loss, eval_crop_pct, has_castling, to_inference_form
 from pipeline.train.checkpoint import (
+    StepCheckpointer,
     checkpoint_dir_name,
     load_checkpoint,
+    load_weights,
     save_checkpoint,
     strip_wrapper_prefixes,
     write_marker,
@@ -121,6 +123,9 @@ class State:
     updates_per_epoch: int = 0
     epochs_done: int = 0
     global_step: int = 0
+    batches_done: int = 0  # of epoch `epochs_done` (0-based), when resumed from a mid-epoch checkpoint
+    epoch_sums: Any = None  # that epoch's running [loss sum, micro-steps] when it was saved
+    rng: Any = None  # every rank's RNG states when it was saved
     eval_model: nn.Module | None = None  # the evaluation forward (compiled with `compile`); None: model
     eval_ema: nn.Module | None = None  # the same for the EMA weights; None: ema.module
 
@@ -130,11 +135,16 @@ class State:
             return self.ema.module if self.eval_ema is None else self.eval_ema
         return self.model if self.eval_model is None else self.eval_model
 
-    def to_dict(self, config: TrainConfig, metrics: dict[str, float], run_id: str | None) -> dict[str, Any]:
+    def to_dict(self, config: TrainConfig, metrics: dict[str, float], run_id: str | None, *,
+                within_epoch: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+        """The checkpoint's contents; ``within_epoch`` (mid-epoch checkpoints): ``batches_done``, ``epoch_sums``
+        and ``rng`` of the epoch in progress."""
         return {
             "epochs_done": self.epochs_done,
             "global_step": self.global_step,
             "updates_per_epoch": self.updates_per_epoch,
+            "batches_done": 0,
+            **(within_epoch or {}),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -146,9 +156,14 @@ class State:
             "run_name": config.run_name,
         }
 
-    def load(self, saved: dict[str, Any]) -> None:
-        """Continue from a checkpoint; set ``updates_per_epoch`` (and the scheduler) for this run first."""
-        self.model.load_state_dict(strip_wrapper_prefixes(saved["model"]))
+    def load(self, saved: dict[str, Any], *, model_name: str, replan: bool = False) -> None:
+        """Continue from a checkpoint; set ``updates_per_epoch`` (and the scheduler) for this run first.
+
+        ``replan``: the run's length changed since the checkpoint (a finished run extended): keep this run's
+        new scheduler instead of the saved one, whose state holds the old total, at the saved step.
+        """
+        load_weights(self.model, strip_wrapper_prefixes(saved["model"]), model_name=model_name,
+                     source=f"the checkpoint being resumed (trained as {saved['config']['model']['name']})")  # fmt: skip
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scaler.load_state_dict(saved["scaler"])
         if self.ema is not None:
@@ -156,8 +171,11 @@ class State:
                 raise ValueError("optim.ema is on but the checkpoint being resumed has no EMA weights")
             self.ema.module.load_state_dict(strip_wrapper_prefixes(saved["ema"]))
         self.epochs_done = saved["epochs_done"]
+        self.batches_done = saved.get("batches_done", 0)
+        self.epoch_sums, self.rng = saved.get("epoch_sums"), saved.get("rng")
         if saved.get("updates_per_epoch") == self.updates_per_epoch:
-            self.scheduler.load_state_dict(saved["scheduler"])
+            if not replan:
+                self.scheduler.load_state_dict(saved["scheduler"])
             self.global_step = saved["global_step"]
         else:  # another world size or batch size: same place in the schedule, counted in this run's steps
             self.global_step = self.epochs_done * self.updates_per_epoch
@@ -297,13 +315,15 @@ def _train_loss(outputs: Tensor | list[Tensor], target: Tensor, valid: Tensor | 
 
 def train_one_epoch(
     state: State, loader, d: Dist, config: TrainConfig, epoch: int, *, castling: bool, logger=None,
-    fault_marker: str | None = None,
+    fault_marker: str | None = None, step_checkpoints: StepCheckpointer | None = None,
 ) -> EpochResult:
     """One pass over this rank's train share; gradient accumulation, clipping, EMA, Castling's regulariser.
 
     Every ``log_every`` optimizer steps (and at the end) all ranks sum their losses: the progress line
     shows the mean, and a NaN/inf anywhere stops every rank at the same step (no rank is left waiting in
-    an allreduce).
+    an allreduce). Every ``checkpoint.every_steps`` steps the ranks sum them too and rank 0 saves a
+    mid-epoch checkpoint (``step_checkpoints``). A loader resumed at batch k (``loader.start_batch``)
+    continues the epoch there, from the running sums of ``state.epoch_sums``.
     """
     from timm.utils import dispatch_clip_grad
 
@@ -320,6 +340,10 @@ def train_one_epoch(
     epoch_loss = torch.zeros(2, dtype=torch.float64)
     step_times: list[float] = []
     images_seen = 0
+    first = getattr(loader, "start_batch", 0)
+    if first and state.epoch_sums is not None:  # the epoch's loss counts its batches before the resume too
+        epoch_loss += state.epoch_sums
+    every = config.checkpoint.every_steps
     start = window_start = time.perf_counter()
     cpu_start = time.process_time()
     window_updates = 0
@@ -327,7 +351,7 @@ def train_one_epoch(
     memory_format = _memory_format(config, d.device)
 
     state.optimizer.zero_grad(set_to_none=True)
-    for i, (images, labels) in enumerate(loader):
+    for i, (images, labels) in enumerate(loader, start=first):
         group_start = i - i % opt.accum_steps
         group_size = min(opt.accum_steps, steps - group_start)
         last_of_group = i == group_start + group_size - 1
@@ -370,6 +394,15 @@ def train_one_epoch(
         state.scheduler.step_update(state.global_step)
         if state.ema is not None:
             state.ema.update(state.model, step=state.global_step)
+
+        if every and state.global_step % every == 0 and i != steps - 1:  # on every rank: sums and RNG are collectives
+            so_far = epoch_loss + d.sum(window_loss)  # the window itself goes on to its progress line
+            if not math.isfinite(so_far[0].item()):
+                return EpochResult(so_far[0].item(), images_seen * d.world_size, time.perf_counter() - start,
+                                   step_times, time.process_time() - cpu_start, 0.0, non_finite=True)  # fmt: skip
+            within = {"batches_done": i + 1, "rng": _rng_states(d), "epoch_sums": so_far}
+            if step_checkpoints is not None:
+                step_checkpoints.save(state.to_dict(config, {}, logger.run_id if logger else None, within_epoch=within))
 
         if state.global_step % config.log_every == 0 or i == steps - 1:
             summed = d.sum(window_loss)  # the only per-window collective
@@ -540,36 +573,54 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     state.updates_per_epoch = math.ceil(len(train_loader) / config.optim.accum_steps)
     state.scheduler = _scheduler(config, state.optimizer, state.updates_per_epoch)
     checkpoint = ray.train.get_checkpoint()
+    saved = None
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            state.load(load_checkpoint(directory, map_location=device))
+            saved = load_checkpoint(directory, map_location=device)
+    saved = _newer_step_checkpoint(config, state, saved, d) or saved
+    if saved is not None:
+        planned = saved["config"]["optim"]["epochs"]
+        state.load(saved, model_name=config.model.name, replan=planned != config.optim.epochs)
+        if planned != config.optim.epochs and d.rank == 0:
+            _progress(f"optim.epochs is {config.optim.epochs}, the checkpoint's run planned {planned}: the learning-"
+                      f"rate schedule is re-planned over {config.optim.epochs} epochs from step {state.global_step} "
+                      "(warm-up not repeated)")  # fmt: skip
     # Dropout and mixup differ by rank. Python's random too: timm's random crops draw from it, in this process
     # when there are no loader workers (DataLoader seeds its workers' own).
     run_seed = config.optim.seed + 7919 * d.rank + state.epochs_done
     torch.manual_seed(run_seed)
     np.random.seed(run_seed % 2**32)
     random.seed(run_seed)
+    if state.rng is not None and len(state.rng) == d.world_size:  # mid-epoch: each rank where it was
+        _set_rng_state(state.rng[d.rank])
     castling = has_castling(state.model)
+    step_checkpoints = StepCheckpointer(config.run_dir) if config.checkpoint.every_steps and d.rank == 0 else None
 
     logger = None
     if d.rank == 0 and run_id is not None:
         from pipeline.tracking import RunLogger
 
         logger = RunLogger(config.mlflow.tracking_uri, run_id, system_metrics=config.mlflow.system_metrics,
-                           system_metrics_interval_s=config.mlflow.system_metrics_interval_s)  # fmt: skip
+                           system_metrics_interval_s=config.mlflow.system_metrics_interval_s,
+                           outage_wait_s=config.mlflow.outage_wait_s)  # fmt: skip
     with logger if logger is not None else contextlib.nullcontext():
         placement = ", ".join(f"rank {rank} {node}" for rank, node in enumerate(nodes))
         if logger is not None:
             logger.tags({"vitpipe.worker_nodes": placement})
-            if checkpoint is not None:
-                logger.tags({"vitpipe.resumed_from_epoch": str(state.epochs_done)})
+            if saved is not None:
+                logger.tags({"vitpipe.resumed_from_epoch": str(state.epochs_done),
+                             "vitpipe.resumed_from_step": str(state.global_step)})  # fmt: skip
         if d.rank == 0:
-            where = f"resuming after epoch {state.epochs_done}" if checkpoint is not None else "starting"
+            where = "starting"
+            if saved is not None:
+                where = f"resuming after epoch {state.epochs_done}" + (
+                    f", in epoch {state.epochs_done + 1} at batch {state.batches_done} (step {state.global_step})"
+                    if state.batches_done else "")  # fmt: skip
             compiled = f", torch.compile ({config.compile_backend}): the first steps compile" if config.compile else ""
             _progress(f"{where}: {config.model.name}, {d.world_size} worker(s) on {device.type} "
                       f"({len(set(nodes))} node(s): {placement}), "
                       f"{len(train_loader)} steps/epoch of {config.data.batch_size} per worker{compiled}")  # fmt: skip
-        result = _train_epochs(state, config, d, train_loader, val_loader, logger, castling)
+        result = _train_epochs(state, config, d, train_loader, val_loader, logger, castling, step_checkpoints)
         result["worker_nodes"] = nodes
         if castling and result["status"] == "finished":
             _check_branches_closed(state.model, logger)
@@ -601,6 +652,50 @@ def _worker_nodes(d: Dist) -> list[str]:
     return nodes
 
 
+def _newer_step_checkpoint(config: TrainConfig, state: State, saved: dict | None, d: Dist) -> dict | None:
+    """The run directory's newest mid-epoch checkpoint when it is further on than ``saved`` (Ray's epoch-end
+    one), and its position counts in this run's steps (same steps per epoch); else None."""
+    if not config.checkpoint.every_steps:
+        return None
+    from pipeline.train.checkpoint import latest_step_checkpoint, local_copy
+
+    found = latest_step_checkpoint(config.run_dir)
+    if found is None or found[1]["global_step"] <= (saved["global_step"] if saved is not None else 0):
+        return None
+    if found[1].get("updates_per_epoch") != state.updates_per_epoch:
+        if d.rank == 0:
+            _progress(f"not resuming from {found[0]}: it counts {found[1].get('updates_per_epoch')} steps per epoch, "
+                      f"this run {state.updates_per_epoch} (another world or batch size)")  # fmt: skip
+        return None
+    with local_copy(found[0]) as directory:
+        return load_checkpoint(directory, map_location=d.device)
+
+
+def _rng_states(d: Dist) -> list[dict[str, Any]]:
+    """Every rank's RNG states (torch, CUDA, numpy, Python), gathered in rank order (a collective)."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    version, python_state, python_gauss = random.getstate()
+    mine = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position,
+            has_gauss, gauss], "python": [version, list(python_state), python_gauss]}  # fmt: skip
+    if d.device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(d.device)
+    if not d.active:
+        return [mine]
+    states: list[Any] = [None] * d.world_size
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def _set_rng_state(saved: dict[str, Any]) -> None:
+    torch.set_rng_state(saved["torch"])
+    kind, keys, position, has_gauss, gauss = saved["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    version, python_state, python_gauss = saved["python"]
+    random.setstate((version, tuple(python_state), python_gauss))
+    if "cuda" in saved and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved["cuda"], torch.cuda.current_device())
+
+
 def _check_branches_closed(model: nn.Module, logger) -> None:
     """Warn (and tag the MLflow run) when a Castling branch is still open after training: the deployed
     inference form then differs from the trained model."""
@@ -617,12 +712,16 @@ def _check_branches_closed(model: nn.Module, logger) -> None:
         logger.tags({"vitpipe.castling_open_masks": listed[:5000]})
 
 
-def _train_epochs(state: State, config: TrainConfig, d: Dist, train_loader, val_loader, logger, castling) -> dict:
+def _train_epochs(state: State, config: TrainConfig, d: Dist, train_loader, val_loader, logger, castling,
+                  step_checkpoints=None) -> dict:  # fmt: skip
     fault_marker = f"{config.run_dir}/.fault_injected" if config.fault_injection is not None else None
     for epoch in range(state.epochs_done, config.optim.epochs):
         train_loader.set_epoch(epoch)
+        if state.batches_done:  # resumed from a mid-epoch checkpoint: the rest of this epoch's plan
+            train_loader.set_start(state.batches_done)
         epoch_result = train_one_epoch(state, train_loader, d, config, epoch, castling=castling, logger=logger,
-                                       fault_marker=fault_marker)  # fmt: skip
+                                       fault_marker=fault_marker, step_checkpoints=step_checkpoints)  # fmt: skip
+        state.batches_done, state.epoch_sums = 0, None
         if epoch_result.non_finite:
             message = (f"non_finite_loss: the training loss became {epoch_result.loss} in epoch {epoch + 1} "
                        f"by step {state.global_step}")  # fmt: skip
@@ -656,6 +755,8 @@ def _train_epochs(state: State, config: TrainConfig, d: Dist, train_loader, val_
             metrics["castling/branch_scale"] = branch_scale_at(progress, castling_config.branch_off_at)
         state.epochs_done = epoch + 1
         _report(state, config, d, metrics, logger)
+        if step_checkpoints is not None:  # the epoch-end checkpoint supersedes them
+            step_checkpoints.prune(before_step=state.global_step)
         if d.rank == 0:
             _progress(f"epoch {epoch + 1}/{config.optim.epochs} done in {epoch_result.seconds:.1f}s: train loss "
                       f"{metrics['train/loss']:.4f}, val loss {metrics['val/loss']:.4f}, "
@@ -697,6 +798,7 @@ def _report(state: State, config: TrainConfig, d: Dist, metrics: dict[str, float
         ray.train.report(reported, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(state.epochs_done))
     if logger is not None:
         logger.metrics(metrics, step=state.epochs_done)
+        logger.sent(within_s=10.0)  # in MLflow before the next epoch, unless it is down: then training goes on
 
 
 # --------------------------------------------------------------------------------------------------

@@ -438,7 +438,7 @@ def run_sweep(
     from mlflow.tracking import MlflowClient
 
     from pipeline import tracking
-    from pipeline.train.checkpoint import delete_run_dir
+    from pipeline.train.checkpoint import check_writable, delete_run_dir
     from pipeline.train.launcher import check_model_and_optimisation, ensure_ray
 
     metric, mode = check_space(space, config)
@@ -450,6 +450,10 @@ def run_sweep(
     if max_concurrent is not None and max_concurrent < 1:
         raise ConfigError(f"max_concurrent must be >= 1, got {max_concurrent}")
     path = f"{config.storage_path.rstrip('/')}/{name}"
+    try:
+        check_writable(config.storage_path)  # before Ray: Tune finds it out at its first experiment save
+    except OSError as err:
+        raise ConfigError(str(err)) from None
     if new and delete_run_dir(path):
         print(f"[vitpipe] --new: removed the previous sweep in {path}")
 
