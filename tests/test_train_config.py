@@ -52,7 +52,7 @@ def test_defaults_fill_a_minimal_config_and_survive_a_round_trip():
         ({"optim": {"clip_mode": "max"}}, "optim.clip_mode: expected one of 'norm', 'value', 'agc', got 'max'"),
         ({"precision": "fp16"}, "precision: fp16 needs scaling.use_gpu"),
         ({"checkpoint": {"metric": "val_ema/top1"}}, "checkpoint.metric 'val_ema/top1' needs optim.ema: true"),
-        ({"fault_injection": {"rank": 1}}, "fault_injection.step: missing required key"),
+        ({"checkpoint": {"every_steps": 0}}, "checkpoint.every_steps must be > 0, got 0"),
         ({"data": None}, "data.train: missing required key"),
         ({"data": {"train": "d", "val": "d", "mixup": 0.8, "batch_size": 33}}, "data.batch_size must be even"),
         ({"method": {"dvt": {"exit_weights": [1.0, -1.0]}}}, "method.dvt.exit_weights must be non-negative"),
@@ -80,13 +80,13 @@ def test_yaml_reads_exponent_floats_as_numbers():
 
 def test_overrides_set_dotted_keys_and_create_sections():
     overrides = parse_overrides(["optim.lr=3e-4", "model.kwargs.ds_init=2.0", "model.kwargs.bias_sharing=tied",
-                                 "fault_injection.rank=1", "fault_injection.step=5", "data.crop_scale=[0.5, 1.0]"])
+                                 "checkpoint.every_steps=5", "mlflow.outage_wait_s=30", "data.crop_scale=[0.5, 1.0]"])
     data = apply_overrides(MINIMAL, overrides)
     assert MINIMAL == {"model": {"name": "vit_msa_nano"}, "data": {"train": "d/train", "val": "d/val"}}  # a copy
     config = TrainConfig.from_dict(data)
     assert config.optim.lr == 3e-4
     assert config.model.kwargs == {"ds_init": 2.0, "bias_sharing": "tied"}
-    assert (config.fault_injection.rank, config.fault_injection.step) == (1, 5)
+    assert (config.checkpoint.every_steps, config.mlflow.outage_wait_s) == (5, 30)
     assert config.data.crop_scale == [0.5, 1.0]
 
 

@@ -29,7 +29,6 @@ from pipeline.train.config import ConfigError, TrainConfig
 from pipeline.train.launcher import NonFiniteLossError, _resume_point, train
 from pipeline.train.loop import (
     Dist,
-    InjectedFault,
     State,
     _memory_format,
     _optimizer,
@@ -188,22 +187,6 @@ def test_non_finite_loss_stops_at_the_next_check():
     state = linear_state(config, Poisoned(bad=6))
     result = train_one_epoch(state, ListLoader(batches), CPU, config, epoch=0, castling=False)
     assert result.non_finite and state.global_step == 8  # NaN at step 6, caught at the check after step 8
-
-
-def test_fault_injection_fires_once_per_marker(tmp_path):
-    batches = [(torch.randn(4, 1, 4, 4), torch.randint(0, 5, (4,))) for _ in range(4)]
-    config = plain_config(fault_injection={"rank": 0, "step": 2}, optim={"optimizer": "sgd", "scheduler": "step"})
-    marker = str(tmp_path / "run" / ".fault_injected")
-    state = linear_state(config, nn.Sequential(nn.Flatten(), nn.Linear(16, 5)))
-    with pytest.raises(InjectedFault, match="rank 0 at global step 2"):
-        train_one_epoch(state, ListLoader(batches), CPU, config, epoch=0, castling=False, fault_marker=marker)
-    assert state.global_step == 2 and Path(marker).is_file()
-    state = linear_state(config, nn.Sequential(nn.Flatten(), nn.Linear(16, 5)))
-    train_one_epoch(state, ListLoader(batches), CPU, config, epoch=0, castling=False, fault_marker=marker)
-    assert state.global_step == 4  # the restarted group passes step 2
-    other_rank = Dist(rank=1, world_size=1, device=torch.device("cpu"))
-    train_one_epoch(linear_state(config, nn.Sequential(nn.Flatten(), nn.Linear(16, 5))), ListLoader(batches),
-                    other_rank, config, epoch=0, castling=False, fault_marker=str(tmp_path / "other"))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ checkpoints

@@ -107,20 +107,17 @@ def test_two_worker_run_on_uneven_shards_tracks_checkpoints_and_loads_without_ra
     assert _top1_single_process(model, config) == pytest.approx(summary["best_metric"], abs=1e-9)
 
 
-@pytest.mark.timeout(600)  # three trainer starts
-def test_worker_failure_restarts_from_checkpoint_and_rerun_resumes_one_mlflow_run(ray_local, tiny_config, capfd):
-    # Rank 1 raises at the 3rd step of epoch 2 (global step 23, 21 steps per epoch): the group restarts
-    # from the epoch-1 checkpoint; the marker file keeps the fault from firing again.
-    config = tiny_config(max_failures=1, fault_injection={"rank": 1, "step": 23})
+@pytest.mark.timeout(600)  # three driver starts
+def test_rerunning_a_finished_run_with_more_epochs_continues_its_mlflow_run_on_a_replanned_schedule(
+    ray_local, tiny_config, capfd
+):
+    """A worker killed mid-run is tests/test_multinode.py's (a real SIGKILL); here the driver comes back."""
+    config = tiny_config(max_failures=1)
     summary = train(config)
     assert summary["status"] == "finished" and summary["epochs_done"] == 2
-    assert Path(config.run_dir, ".fault_injected").is_file()
-    assert "resuming after epoch 1" in capfd.readouterr().out
-
     client = MlflowClient(config.mlflow.tracking_uri)
     (run,) = _runs(config)
-    assert run.info.status == "FINISHED" and run.data.tags["vitpipe.resumed_from_epoch"] == "1"
-    assert _steps(client, run.info.run_id, "val/top1") == [1, 2]  # each epoch logged once
+    assert run.info.status == "FINISHED" and _steps(client, run.info.run_id, "val/top1") == [1, 2]
 
     # Re-running the same name with more epochs resumes after epoch 2, into the same MLflow run, with the
     # learning-rate schedule re-planned over the new total (the old plan had reached min_lr at step 42).

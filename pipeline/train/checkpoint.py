@@ -313,19 +313,6 @@ def delete_run_dir(run_dir: str) -> bool:
     return True
 
 
-def write_marker(uri: str) -> bool:
-    """Create an empty file at ``uri`` unless it exists; True if this call created it."""
-    import pyarrow.fs
-
-    fs, path = _filesystem(uri)
-    if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
-        return False
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as stream:
-        stream.write(b"")
-    return True
-
-
 def check_writable(storage_path: str) -> None:
     """Write and delete a probe file under ``storage_path`` (local or a pyarrow URI such as ``s3://``), so an
     unwritable or unreachable location fails before Ray starts; raises OSError naming the path."""

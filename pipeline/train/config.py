@@ -232,18 +232,6 @@ class MlflowConfig:
 
 
 @dataclass
-class FaultInjection:
-    """Test-only: rank ``rank`` raises at global step ``step``, once per run (a marker file remembers)."""
-
-    rank: int
-    step: int
-
-    def __post_init__(self) -> None:
-        _check_range("fault_injection.rank", self.rank, 0, None)
-        _check_range("fault_injection.step", self.step, 0, None)
-
-
-@dataclass
 class TrainConfig:
     model: ModelConfig
     data: DataConfig
@@ -265,7 +253,6 @@ class TrainConfig:
     max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     log_every: int = 20  # steps between progress lines (and the cross-rank non-finite loss check)
-    fault_injection: FaultInjection | None = None
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.run_name):

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -38,7 +39,6 @@ from pipeline.train.checkpoint import (
     load_weights,
     save_checkpoint,
     strip_wrapper_prefixes,
-    write_marker,
 )
 from pipeline.train.config import TrainConfig
 
@@ -49,10 +49,6 @@ IGNORE_LABEL = -1  # the reader's label for eval padding and skipped corrupt sam
 
 class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite: the run stops (it is not retried)."""
-
-
-class InjectedFault(RuntimeError):
-    """Raised by the test-only fault injection (``fault_injection`` in the config)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -315,7 +311,7 @@ def _train_loss(outputs: Tensor | list[Tensor], target: Tensor, valid: Tensor | 
 
 def train_one_epoch(
     state: State, loader, d: Dist, config: TrainConfig, epoch: int, *, castling: bool, logger=None,
-    fault_marker: str | None = None, step_checkpoints: StepCheckpointer | None = None,
+    step_checkpoints: StepCheckpointer | None = None,
 ) -> EpochResult:
     """One pass over this rank's train share; gradient accumulation, clipping, EMA, Castling's regulariser.
 
@@ -347,7 +343,6 @@ def train_one_epoch(
     start = window_start = time.perf_counter()
     cpu_start = time.process_time()
     window_updates = 0
-    fault = config.fault_injection
     memory_format = _memory_format(config, d.device)
 
     state.optimizer.zero_grad(set_to_none=True)
@@ -355,10 +350,6 @@ def train_one_epoch(
         group_start = i - i % opt.accum_steps
         group_size = min(opt.accum_steps, steps - group_start)
         last_of_group = i == group_start + group_size - 1
-        if fault is not None and fault.rank == d.rank and fault.step == state.global_step and i == group_start:
-            if fault_marker is None or write_marker(fault_marker):
-                raise InjectedFault(f"injected fault: rank {d.rank} at global step {state.global_step}")
-
         images = images.to(d.device, non_blocking=True, memory_format=memory_format)
         labels = labels.to(d.device, non_blocking=True)
         # Train batches hold label -1 only for corrupt samples skipped by the reader (skip_corrupt).
@@ -714,13 +705,12 @@ def _check_branches_closed(model: nn.Module, logger) -> None:
 
 def _train_epochs(state: State, config: TrainConfig, d: Dist, train_loader, val_loader, logger, castling,
                   step_checkpoints=None) -> dict:  # fmt: skip
-    fault_marker = f"{config.run_dir}/.fault_injected" if config.fault_injection is not None else None
     for epoch in range(state.epochs_done, config.optim.epochs):
         train_loader.set_epoch(epoch)
         if state.batches_done:  # resumed from a mid-epoch checkpoint: the rest of this epoch's plan
             train_loader.set_start(state.batches_done)
         epoch_result = train_one_epoch(state, train_loader, d, config, epoch, castling=castling, logger=logger,
-                                       fault_marker=fault_marker, step_checkpoints=step_checkpoints)  # fmt: skip
+                                       step_checkpoints=step_checkpoints)  # fmt: skip
         state.batches_done, state.epoch_sums = 0, None
         if epoch_result.non_finite:
             message = (f"non_finite_loss: the training loss became {epoch_result.loss} in epoch {epoch + 1} "
@@ -786,16 +776,25 @@ def _validate(state: State, loader, d: Dist, config: TrainConfig, castling: bool
 
 
 def _report(state: State, config: TrainConfig, d: Dist, metrics: dict[str, float], logger) -> None:
-    """Checkpoint from rank 0, ``ray.train.report`` on every rank (a barrier), MLflow from rank 0."""
+    """Checkpoint from rank 0, ``ray.train.report`` on every rank (a barrier), MLflow from rank 0.
+
+    The checkpoint is written locally and uploaded to ``storage_path`` by Ray in the background (ASYNC: the
+    next epoch does not wait for S3; Ray deletes the local copy after the upload). ``_best_checkpoint``
+    waits for uploads in flight, so the best checkpoint logged to MLflow is always a complete one.
+    """
     import ray.train
+    from ray.train import CheckpointUploadMode
 
     reported = {"epoch": state.epochs_done, **metrics}
-    with tempfile.TemporaryDirectory() as directory:
-        checkpoint = None
-        if d.rank == 0:
-            save_checkpoint(directory, state.to_dict(config, reported, logger.run_id if logger else None))
-            checkpoint = ray.train.Checkpoint.from_directory(directory)
-        ray.train.report(reported, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(state.epochs_done))
+    checkpoint = None
+    if d.rank == 0:
+        directory = tempfile.mkdtemp(prefix="vitpipe-epoch-")
+        save_checkpoint(directory, state.to_dict(config, reported, logger.run_id if logger else None))
+        checkpoint = ray.train.Checkpoint.from_directory(directory)
+    ray.train.report(reported, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(state.epochs_done),
+                     checkpoint_upload_mode=CheckpointUploadMode.ASYNC)  # fmt: skip
+    if checkpoint is not None and config.scaling.num_workers == 0:  # local mode keeps no checkpoint
+        shutil.rmtree(checkpoint.path, ignore_errors=True)
     if logger is not None:
         logger.metrics(metrics, step=state.epochs_done)
         logger.sent(within_s=10.0)  # in MLflow before the next epoch, unless it is down: then training goes on

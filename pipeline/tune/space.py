@@ -60,7 +60,7 @@ _TOP_KEYS = ("metric", "mode", "num_samples", "search", "scheduler", "seed", "pa
 _SCHEDULER_KEYS = ("name", "grace_period", "reduction_factor")
 # Fields a sweep sets itself, or that must be the same for every trial (resources, where runs go).
 _NOT_SEARCHABLE = ("run_name", "storage_path", "ray_address", "scaling", "checkpoint", "mlflow", "max_failures",
-                   "fault_injection", "data.train", "data.val", "data.test")  # fmt: skip
+                   "data.train", "data.val", "data.test")  # fmt: skip
 # Values under these prefixes change what gets built: check_space builds the model for each extreme.
 _BUILD_PREFIXES = ("model.", "data.num_classes", "data.img_size", "data.in_chans", "optim.optimizer",
                    "optim.opt_kwargs", "optim.scheduler", "method.")  # fmt: skip
