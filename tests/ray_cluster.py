@@ -185,9 +185,10 @@ class RayCluster:
 
     def train_worker_pids(self) -> list[int]:
         """PIDs of the live Ray Train worker processes, found through Ray's state API."""
-        probe = ("import json, ray; from ray.util.state import list_actors; ray.init(address=%r, logging_level='ERROR'); "
-                 "print('PIDS', json.dumps([a.pid for a in list_actors(filters=[('class_name', '=', 'RayTrainWorker'), "
-                 "('state', '=', 'ALIVE')])]))") % self.gcs_address  # fmt: skip
+        # The dashboard's address, not auto-detection: other Rays on this machine (the tests' own) would be found too.
+        probe = ("import json; from ray.util.state import list_actors; "
+                 "print('PIDS', json.dumps([a.pid for a in list_actors(address=%r, filters=[('class_name', '=', "
+                 "'RayTrainWorker'), ('state', '=', 'ALIVE')])]))") % self.address  # fmt: skip
         done = subprocess.run([sys.executable, "-c", probe], env=self.env, capture_output=True, text=True, timeout=120)
         line = next((x for x in done.stdout.splitlines() if x.startswith("PIDS ")), None)
         if line is None:

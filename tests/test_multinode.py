@@ -30,6 +30,7 @@ from tests.test_train_ray import _top1_single_process
 REPO = Path(__file__).resolve().parents[1]
 VITPIPE = Path(sys.executable).parent / "vitpipe"
 SLOT = {"vp_slot": 1}
+EPOCHS = 8  # of ~0.5 s each here: the node is lost well before the end whatever the machine's load
 pytestmark = pytest.mark.ray
 
 
@@ -76,6 +77,17 @@ def _wait_for(path: Path, process: subprocess.Popen, log: Path, timeout_s: float
         if process.poll() is not None or time.monotonic() > deadline:
             pytest.fail(f"{path.name} did not appear (driver {process.poll()}):\n{log.read_text()[-6000:]}")
         time.sleep(0.1)
+
+
+def _wait_for_commit(run_dir: Path, epoch: int, process: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    """Until Ray Train has registered epoch ``epoch``'s checkpoint (uploads are asynchronous: a checkpoint
+    folder appears before Ray would resume from it)."""
+    snapshot, name = run_dir / "checkpoint_manager_snapshot.json", f'"{checkpoint_dir_name(epoch)}"'
+    deadline = time.monotonic() + timeout_s
+    while not (snapshot.exists() and name in snapshot.read_text(errors="replace")):
+        if process.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"{name} was not registered (driver {process.poll()}):\n{log.read_text()[-6000:]}")
+        time.sleep(0.05)
 
 
 def _placements(output: str) -> list[list[str]]:
@@ -127,17 +139,17 @@ def test_a_sweep_runs_its_trials_on_both_nodes_at_once_and_registers_one_champio
 
 @pytest.mark.timeout(600)
 def test_a_two_node_run_survives_losing_a_node_and_writes_only_to_storage_path(ray_cluster, digits_shards, tmp_path):
-    """Ranks on both nodes; the second node's raylet SIGKILLed in epoch 2; a replacement node joins (as the
-    autoscaler would); the run resumes from epoch 1's checkpoint and finishes: one MLflow run, each epoch
-    once, checkpoints under storage_path only, the best one loading without Ray."""
+    """Ranks on both nodes; the second node's raylet SIGKILLed once epoch 1's checkpoint is registered; a
+    replacement node joins (as the autoscaler would); the run resumes from the last checkpoint and finishes:
+    one MLflow run, each epoch once, checkpoints under storage_path only, the best one loading without Ray."""
     cluster = ray_cluster
     cluster.ensure_nodes(2)
     lost = cluster.nodes[-1]
-    config_settings = _settings(digits_shards, tmp_path, run_name="two-nodes", **{"optim.epochs": 4,
+    config_settings = _settings(digits_shards, tmp_path, run_name="two-nodes", **{"optim.epochs": EPOCHS,
                                 "max_failures": 1, "checkpoint.keep": 1})  # fmt: skip
     process, log = _start(cluster, tmp_path, "train", config_settings, "--new")
     run_dir = tmp_path / "shared" / "runs" / "two-nodes"
-    _wait_for(run_dir / checkpoint_dir_name(1), process, log, timeout_s=240)  # epoch 1 reported: epoch 2 runs
+    _wait_for_commit(run_dir, 1, process, log, timeout_s=240)  # epoch 1's checkpoint is Ray's: epoch 2 runs
     lost.kill_raylet()
     replacement = cluster.add_node()
     output = _wait(process, log, timeout_s=420)
@@ -151,16 +163,16 @@ def test_a_two_node_run_survives_losing_a_node_and_writes_only_to_storage_path(r
     client = MlflowClient(config_settings["mlflow.tracking_uri"])
     (run,) = client.search_runs([client.get_experiment_by_name("multinode").experiment_id])
     assert run.info.status == "FINISHED", run.data.tags
-    assert run.data.tags["vitpipe.resumed_from_epoch"] in {"1", "2"}  # epoch 1's or (a fast) epoch 2's checkpoint
+    assert 1 <= int(run.data.tags["vitpipe.resumed_from_epoch"]) < EPOCHS  # epoch 1's or a later (fast) one's
     for key in ("train/loss", "val/top1", "val/loss"):
-        assert _steps(client, run.info.run_id, key) == [1, 2, 3, 4], key  # each epoch logged once
+        assert _steps(client, run.info.run_id, key) == list(range(1, EPOCHS + 1)), key  # each epoch logged once
 
     # Checkpoints in storage_path only: the nodes' and the driver's working directories stay empty.
     for node in cluster.nodes:
         assert _empty(node.cwd) == [], node.ip
     assert _empty(tmp_path / "driver") == []
     kept = sorted(p.name for p in run_dir.glob("checkpoint_epoch*"))
-    assert kept and kept[-1] == checkpoint_dir_name(4), kept
+    assert kept and kept[-1] == checkpoint_dir_name(EPOCHS), kept
 
     # The best checkpoint loads without Ray; its val/top1 (both ranks' shares, reduced across the nodes) is
     # what one process measures over the whole val split: the shares were disjoint and complete.
@@ -179,10 +191,10 @@ def test_losing_a_node_without_a_replacement_fails_naming_the_node(ray_cluster, 
     cluster = ray_cluster
     cluster.ensure_nodes(2)
     lost = cluster.nodes[-1]
-    config_settings = _settings(digits_shards, tmp_path, run_name="no-room", **{"optim.epochs": 3,
+    config_settings = _settings(digits_shards, tmp_path, run_name="no-room", **{"optim.epochs": EPOCHS,
                                 "max_failures": 1, "scaling.resource_wait_s": 5})  # fmt: skip
     process, log = _start(cluster, tmp_path, "train", config_settings, "--new")
-    _wait_for(tmp_path / "shared" / "runs" / "no-room" / checkpoint_dir_name(1), process, log, timeout_s=240)
+    _wait_for_commit(tmp_path / "shared" / "runs" / "no-room", 1, process, log, timeout_s=240)
     lost.kill_raylet()
     output = _wait(process, log, timeout_s=300)
     assert process.returncode == 1, output[-6000:]

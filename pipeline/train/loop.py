@@ -311,7 +311,7 @@ def _train_loss(outputs: Tensor | list[Tensor], target: Tensor, valid: Tensor | 
 
 def train_one_epoch(
     state: State, loader, d: Dist, config: TrainConfig, epoch: int, *, castling: bool, logger=None,
-    step_checkpoints: StepCheckpointer | None = None,
+    step_checkpoints: StepCheckpointer | None = None, epoch_metrics: _EpochMetrics | None = None,
 ) -> EpochResult:
     """One pass over this rank's train share; gradient accumulation, clipping, EMA, Castling's regulariser.
 
@@ -416,6 +416,8 @@ def train_one_epoch(
                 )
                 if logger is not None:
                     logger.metrics({"train/loss_step": mean_loss, "train/lr_step": lr}, step=state.global_step)
+                if epoch_metrics is not None:
+                    epoch_metrics.log_committed(wait_s=0.05)
     seconds = time.perf_counter() - start
     skipped = d.sum(torch.tensor([float(loader.skipped - skipped_before)]))[0].item()
     loss = epoch_loss[0].item() / max(epoch_loss[1].item(), 1)
@@ -611,7 +613,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             _progress(f"{where}: {config.model.name}, {d.world_size} worker(s) on {device.type} "
                       f"({len(set(nodes))} node(s): {placement}), "
                       f"{len(train_loader)} steps/epoch of {config.data.batch_size} per worker{compiled}")  # fmt: skip
-        result = _train_epochs(state, config, d, train_loader, val_loader, logger, castling, step_checkpoints)
+        epoch_metrics = _EpochMetrics(logger)
+        result = _train_epochs(state, config, d, train_loader, val_loader, logger, castling, step_checkpoints,
+                               epoch_metrics)  # fmt: skip
+        if d.rank == 0:
+            epoch_metrics.log_committed(wait_s=None)
         result["worker_nodes"] = nodes
         if castling and result["status"] == "finished":
             _check_branches_closed(state.model, logger)
@@ -704,13 +710,14 @@ def _check_branches_closed(model: nn.Module, logger) -> None:
 
 
 def _train_epochs(state: State, config: TrainConfig, d: Dist, train_loader, val_loader, logger, castling,
-                  step_checkpoints=None) -> dict:  # fmt: skip
+                  step_checkpoints=None, epoch_metrics: _EpochMetrics | None = None) -> dict:  # fmt: skip
+    epoch_metrics = epoch_metrics or _EpochMetrics(None)
     for epoch in range(state.epochs_done, config.optim.epochs):
         train_loader.set_epoch(epoch)
         if state.batches_done:  # resumed from a mid-epoch checkpoint: the rest of this epoch's plan
             train_loader.set_start(state.batches_done)
         epoch_result = train_one_epoch(state, train_loader, d, config, epoch, castling=castling, logger=logger,
-                                       step_checkpoints=step_checkpoints)  # fmt: skip
+                                       step_checkpoints=step_checkpoints, epoch_metrics=epoch_metrics)  # fmt: skip
         state.batches_done, state.epoch_sums = 0, None
         if epoch_result.non_finite:
             message = (f"non_finite_loss: the training loss became {epoch_result.loss} in epoch {epoch + 1} "
@@ -744,7 +751,7 @@ def _train_epochs(state: State, config: TrainConfig, d: Dist, train_loader, val_
             )  # fmt: skip
             metrics["castling/branch_scale"] = branch_scale_at(progress, castling_config.branch_off_at)
         state.epochs_done = epoch + 1
-        _report(state, config, d, metrics, logger)
+        _report(state, config, d, metrics, epoch_metrics, logger)
         if step_checkpoints is not None:  # the epoch-end checkpoint supersedes them
             step_checkpoints.prune(before_step=state.global_step)
         if d.rank == 0:
@@ -775,12 +782,50 @@ def _validate(state: State, loader, d: Dist, config: TrainConfig, castling: bool
     return metrics
 
 
-def _report(state: State, config: TrainConfig, d: Dist, metrics: dict[str, float], logger) -> None:
+class _EpochMetrics:
+    """Rank 0's epoch metrics, held back until Ray has committed that epoch's checkpoint.
+
+    Checkpoints upload in the background, so an epoch's report returns before its checkpoint counts: a
+    failure in between restarts the group from the epoch before, which redoes (and would log again) this
+    one. Held metrics are logged as soon as every report so far is committed: checked at the loop's log
+    windows (a short wait), and waited for before the next report and at the end.
+    """
+
+    def __init__(self, logger):
+        self.logger, self.held = logger, []
+
+    def hold(self, metrics: dict[str, float], step: int) -> None:
+        if self.logger is not None:
+            self.held.append((metrics, step))
+
+    def log_committed(self, wait_s: float | None) -> None:
+        """Log the held metrics if every report so far is committed within ``wait_s`` (None: wait for it)."""
+        if not self.held:
+            return
+        import ray.train
+        from ray.train import CheckpointConsistencyMode
+
+        try:
+            ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED,
+                                                   timeout_s=wait_s)  # fmt: skip
+        except Exception:  # noqa: BLE001 - not committed within wait_s (Ray raises its timeout as a task error)
+            if wait_s is None:
+                raise
+            return
+        for metrics, step in self.held:
+            self.logger.metrics(metrics, step=step)
+        self.held.clear()
+        self.logger.sent(within_s=10.0)  # in MLflow before training goes on, unless it is down
+
+
+def _report(state: State, config: TrainConfig, d: Dist, metrics: dict[str, float], epoch_metrics: _EpochMetrics,
+            logger) -> None:  # fmt: skip
     """Checkpoint from rank 0, ``ray.train.report`` on every rank (a barrier), MLflow from rank 0.
 
     The checkpoint is written locally and uploaded to ``storage_path`` by Ray in the background (ASYNC: the
-    next epoch does not wait for S3; Ray deletes the local copy after the upload). ``_best_checkpoint``
-    waits for uploads in flight, so the best checkpoint logged to MLflow is always a complete one.
+    next epoch does not wait for S3; Ray deletes the local copy after the upload); the epoch's metrics go
+    to MLflow once it is committed (:class:`_EpochMetrics`). ``_best_checkpoint`` waits for uploads in
+    flight, so the best checkpoint logged to MLflow is always a complete one.
     """
     import ray.train
     from ray.train import CheckpointUploadMode
@@ -791,13 +836,13 @@ def _report(state: State, config: TrainConfig, d: Dist, metrics: dict[str, float
         directory = tempfile.mkdtemp(prefix="vitpipe-epoch-")
         save_checkpoint(directory, state.to_dict(config, reported, logger.run_id if logger else None))
         checkpoint = ray.train.Checkpoint.from_directory(directory)
+    if d.rank == 0:
+        epoch_metrics.log_committed(wait_s=None)  # the previous epoch's, committed by now
     ray.train.report(reported, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(state.epochs_done),
                      checkpoint_upload_mode=CheckpointUploadMode.ASYNC)  # fmt: skip
     if checkpoint is not None and config.scaling.num_workers == 0:  # local mode keeps no checkpoint
         shutil.rmtree(checkpoint.path, ignore_errors=True)
-    if logger is not None:
-        logger.metrics(metrics, step=state.epochs_done)
-        logger.sent(within_s=10.0)  # in MLflow before the next epoch, unless it is down: then training goes on
+    epoch_metrics.hold(metrics, step=state.epochs_done)
 
 
 # --------------------------------------------------------------------------------------------------
