@@ -32,20 +32,30 @@ def ray_local():
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """A real two-node Ray cluster on this machine, separate from ``ray_local`` (see tests/ray_cluster.py):
-    a token-authenticated head and one more node, 3 logical CPUs and one ``vp_slot`` each. Tests that kill a
-    node call ``ray_cluster.ensure_nodes(2)`` first."""
+def _real_cluster(nodes: int):
     from tests.ray_cluster import RayCluster
 
     cluster = RayCluster(num_cpus=3, resources={"vp_slot": 1})
     try:
         cluster.wait_ready()
-        cluster.ensure_nodes(2)
+        cluster.ensure_nodes(nodes)
         yield cluster
     finally:  # also when a test (or the start) fails
         cluster.stop()
+
+
+# Real `ray start` clusters (tests/ray_cluster.py), apart from ``ray_local``: a token-authenticated head and,
+# for ``ray_cluster``, one more node; 3 logical CPUs and one ``vp_slot`` each. Module-scoped: an idle
+# cluster's daemons take a share of 2 cores from every later test. Tests that kill a node call
+# ``ray_cluster.ensure_nodes(2)`` first.
+@pytest.fixture(scope="module")
+def ray_head():
+    yield from _real_cluster(1)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    yield from _real_cluster(2)
 
 
 @pytest.fixture(scope="session")

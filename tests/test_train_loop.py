@@ -189,6 +189,25 @@ def test_non_finite_loss_stops_at_the_next_check():
     assert result.non_finite and state.global_step == 8  # NaN at step 6, caught at the check after step 8
 
 
+
+def test_the_time_spent_waiting_for_batches_is_measured(monkeypatch):
+    """A loader that takes 50 ms per batch: the epoch's data wait is those 4 x 50 ms, not the step's compute."""
+    import time
+
+    class SlowLoader(ListLoader):
+        def __iter__(self):
+            for batch in self.batches:
+                time.sleep(0.05)
+                yield batch
+
+    batches = [(torch.randn(4, 1, 4, 4), torch.randint(0, 5, (4,))) for _ in range(4)]
+    config = plain_config(optim={"optimizer": "sgd", "scheduler": "step"})
+    state = linear_state(config, nn.Sequential(nn.Flatten(), nn.Linear(16, 5)))
+    result = train_one_epoch(state, SlowLoader(batches), CPU, config, epoch=0, castling=False)
+    assert 0.2 <= result.data_wait_s < 0.2 + 0.1 and result.data_wait_s < result.seconds
+    fast = train_one_epoch(state, ListLoader(batches), CPU, config, epoch=0, castling=False)
+    assert fast.data_wait_s < 0.01
+
 # ------------------------------------------------------------------------------------------ checkpoints
 
 

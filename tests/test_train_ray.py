@@ -82,8 +82,9 @@ def test_two_worker_run_on_uneven_shards_tracks_checkpoints_and_loads_without_ra
     assert run.data.params["optim.lr"] == "0.003" and run.data.params["model.kwargs.depth"] == "2"
     assert run.data.params["scaling.num_workers"] == "2" and int(run.data.params["model.params"]) > 0
     # per-epoch metrics, one point per epoch, and system metrics sampled alongside
-    for key in ("train/loss", "val/loss", "val/top1", "val/top5", "train/images_per_s"):
+    for key in ("train/loss", "val/loss", "val/top1", "val/top5", "train/images_per_s", "train/data_wait_share"):
         assert _steps(client, run.info.run_id, key) == [1, 2], key
+    assert 0.0 < run.data.metrics["train/data_wait_share"] < 1.0  # loader_workers 0: decoding is waited for
     assert any(key.startswith("system/") for key in run.data.metrics)
     loss = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)]
     assert loss[1] < loss[0] - 0.05, f"train loss did not fall: {loss}"

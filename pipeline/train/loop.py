@@ -276,6 +276,20 @@ class EpochResult:
     skipped: float
     non_finite: bool = False
     mask_density: dict[str, float] | None = None  # Castling: per layer, averaged over the epoch's steps
+    data_wait_s: float = 0.0  # of `seconds`, the time this rank waited for the loader's next batch
+
+
+def _timed(batches, waited: list[float]):
+    """The batches of ``batches``; the time each took to arrive is added to ``waited[0]``."""
+    iterator = iter(batches)
+    while True:
+        start = time.perf_counter()
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        waited[0] += time.perf_counter() - start
+        yield batch
 
 
 def _mixup(config: TrainConfig):
@@ -345,8 +359,11 @@ def train_one_epoch(
     window_updates = 0
     memory_format = _memory_format(config, d.device)
 
+    waited = [0.0]
+    if d.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(d.device)
     state.optimizer.zero_grad(set_to_none=True)
-    for i, (images, labels) in enumerate(loader, start=first):
+    for i, (images, labels) in enumerate(_timed(loader, waited), start=first):
         group_start = i - i % opt.accum_steps
         group_size = min(opt.accum_steps, steps - group_start)
         last_of_group = i == group_start + group_size - 1
@@ -422,7 +439,7 @@ def train_one_epoch(
     skipped = d.sum(torch.tensor([float(loader.skipped - skipped_before)]))[0].item()
     loss = epoch_loss[0].item() / max(epoch_loss[1].item(), 1)
     return EpochResult(loss, images_seen * d.world_size, seconds, step_times, time.process_time() - cpu_start, skipped,
-                       mask_density=None if gates is None else gates.epoch_densities())  # fmt: skip
+                       mask_density=None if gates is None else gates.epoch_densities(), data_wait_s=waited[0])  # fmt: skip
 
 
 class _CastlingGates:
@@ -732,7 +749,12 @@ def _train_epochs(state: State, config: TrainConfig, d: Dist, train_loader, val_
             "train/epoch_time_s": epoch_result.seconds,
             "train/step_time_s": float(np.median(epoch_result.step_times)) if epoch_result.step_times else math.nan,
             "train/step_cpu_s": epoch_result.cpu_seconds / max(state.updates_per_epoch, 1),
+            # Rank 0's wait for its loader: the share of the epoch the data plane cost (0: it kept up).
+            "train/data_wait_s": epoch_result.data_wait_s / max(state.updates_per_epoch, 1),
+            "train/data_wait_share": epoch_result.data_wait_s / epoch_result.seconds,
         }
+        if d.device.type == "cuda":
+            metrics["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(d.device) / 2**30
         if config.data.skip_corrupt:
             metrics["data/skipped_corrupt"] = epoch_result.skipped
         val_start = time.perf_counter()
@@ -755,7 +777,8 @@ def _train_epochs(state: State, config: TrainConfig, d: Dist, train_loader, val_
         if step_checkpoints is not None:  # the epoch-end checkpoint supersedes them
             step_checkpoints.prune(before_step=state.global_step)
         if d.rank == 0:
-            _progress(f"epoch {epoch + 1}/{config.optim.epochs} done in {epoch_result.seconds:.1f}s: train loss "
+            _progress(f"epoch {epoch + 1}/{config.optim.epochs} done in {epoch_result.seconds:.1f}s "
+                      f"({100 * metrics['train/data_wait_share']:.0f}% waiting for data): train loss "
                       f"{metrics['train/loss']:.4f}, val loss {metrics['val/loss']:.4f}, "
                       f"top-1 {metrics['val/top1']:.2f}%, top-5 {metrics['val/top5']:.2f}%")  # fmt: skip
     return {"status": "finished", "epochs_done": state.epochs_done, "global_step": state.global_step}
