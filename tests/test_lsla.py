@@ -41,7 +41,7 @@ def reference_rpi(height: int, width: int) -> torch.Tensor:
 
 
 def reference_lsla(x, attn, same=None, logits_bias=None):
-    """One window (or sequence) at a time, one head at a time, straight from METHODS.md section 1.
+    """One window (or sequence) at a time, one head at a time, straight from docs/models.md#lsla-attention.
 
     x: (windows, n, C); same: (windows, n, n) bool or None. Tables are read from ``attn`` and gathered
     with ``attn.relative_position_index`` (checked separately against ``reference_rpi``).

@@ -1,4 +1,4 @@
-"""DVT: Dynamic Vision Transformer (Wang et al., NeurIPS 2021), METHODS.md section 2.
+"""DVT: Dynamic Vision Transformer (Wang et al., NeurIPS 2021), docs/models.md#dvt.
 
 A cascade of ``K`` independent transformers (exits) over coarse-to-fine token grids, 7x7 -> 10x10 -> 14x14
 at 224x224 by default. Each exit is this project's plain ``VisionTransformer`` with its own tokenizer,

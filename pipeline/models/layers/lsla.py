@@ -1,6 +1,6 @@
 """Light Self-Limited Attention (ViT-LSLA, arXiv 2210.17115): the ``lsla`` attention kind.
 
-No public implementation exists; this one follows ``METHODS.md`` section 1. Per window (or sequence)
+No public implementation exists; this one follows ``docs/models.md#lsla-attention``. Per window (or sequence)
 and head ``k``, with ``X_k`` the head's channel slice of the normalised input::
 
     S   = (Q_k X_kᵀ) ⊙ DS_k                 DS_k[i, j] = T_ds[k, rpi(i, j)]   dynamic scale

@@ -1,4 +1,4 @@
-"""DVT's reuse paths from one exit of the cascade to the next (METHODS.md section 2).
+"""DVT's reuse paths from one exit of the cascade to the next (docs/models.md#dvt-reuse-paths).
 
 **Feature reuse** (``FeatureReuse``, one per block of the receiving exit): the previous exit's last-block
 tokens (before its final norm) -> ``LN(D) -> Linear(D, 128) -> GELU -> Linear(128, 48)`` -> drop the class
