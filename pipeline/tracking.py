@@ -21,6 +21,7 @@ recorded) the run fails with :class:`TrackingUnavailableError`, naming the serve
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import queue
@@ -62,24 +63,30 @@ def is_transient(err: BaseException) -> bool:
 
 
 def retrying(call: Callable[[], T], what: str, *, uri: str, wait_s: float = OUTAGE_WAIT_S) -> T:
-    """``call()``, retried with backoff on transient errors for up to ``wait_s``; other errors raise at once."""
-    deadline = time.monotonic() + wait_s
+    """``call()``, retried with backoff on transient errors for up to ``wait_s`` (``math.inf``: until MLflow is
+    back); other errors raise at once. An outage is said once when it starts and once when it ends."""
+    start = time.monotonic()
     delay, warned = 1.0, False
     while True:
         try:
-            return call()
+            result = call()
         except Exception as err:
             if not is_transient(err):
                 raise
-            if time.monotonic() + delay > deadline:
+            if time.monotonic() + delay > start + wait_s:
                 raise TrackingUnavailableError(f"MLflow at {uri} was unreachable for {wait_s:g} s (mlflow.outage_wait_s) "
                                                f"while {what}: {_first_line(err)}") from err  # fmt: skip
             if not warned:
-                print(f"[vitpipe] MLflow at {uri} is unreachable while {what} ({_first_line(err)}); retrying for up "
-                      f"to {wait_s:g} s", flush=True)  # fmt: skip
+                until = "until it is back" if math.isinf(wait_s) else f"for up to {wait_s:g} s"
+                print(f"[vitpipe] MLflow at {uri} is unreachable while {what} ({_first_line(err)}); retrying {until}",
+                      flush=True)  # fmt: skip
                 warned = True
             time.sleep(delay)
             delay = min(2 * delay, 10.0)
+            continue
+        if warned:
+            print(f"[vitpipe] MLflow at {uri} is back after {time.monotonic() - start:.0f} s", flush=True)
+        return result
 
 
 def _first_line(err: BaseException) -> str:
@@ -328,25 +335,12 @@ class RunLogger:
         client = MlflowClient(self.tracking_uri)
         while (batch := self._queue.get()) is not None:
             metrics, tags = batch
-            down_since, delay = None, 1.0
-            while True:
-                try:
-                    client.log_batch(self.run_id, metrics=metrics, tags=tags)
-                    break
-                except Exception as err:  # noqa: BLE001 - the sender must outlive any error
-                    if not is_transient(err):
-                        print(f"[vitpipe] MLflow refused {len(metrics)} metric(s) and {len(tags)} tag(s): "
-                              f"{_first_line(err)}", flush=True)  # fmt: skip
-                        break
-                    if down_since is None:
-                        down_since = time.monotonic()
-                        print(f"[vitpipe] MLflow at {self.tracking_uri} is unreachable ({_first_line(err)}): "
-                              "training goes on, metrics are kept and logged when it is back", flush=True)  # fmt: skip
-                    time.sleep(delay)
-                    delay = min(2 * delay, 10.0)
-            if down_since is not None:
-                print(f"[vitpipe] MLflow at {self.tracking_uri} is back after {time.monotonic() - down_since:.0f} s: "
-                      "the kept metrics are logged", flush=True)  # fmt: skip
+            try:  # through an outage for as long as it lasts: training goes on meanwhile
+                retrying(lambda: client.log_batch(self.run_id, metrics=metrics, tags=tags),
+                         "logging metrics (training goes on; they are kept)", uri=self.tracking_uri, wait_s=math.inf)
+            except Exception as err:  # noqa: BLE001 - the sender must outlive any error
+                print(f"[vitpipe] MLflow refused {len(metrics)} metric(s) and {len(tags)} tag(s): {_first_line(err)}",
+                      flush=True)  # fmt: skip
             self._queue.task_done()
         self._queue.task_done()
 

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 VENV_BIN = Path(sys.executable).parent
 _NEXT_IP = itertools.count(2)
@@ -172,28 +173,27 @@ class RayCluster:
             alive = self.wait_for_nodes(count)
         return alive
 
-    def alive_nodes(self) -> list[dict]:
-        """The cluster's live nodes as the head sees them (state API through a short-lived driver)."""
-        probe = ("import json, ray; ray.init(address=%r, logging_level='ERROR'); "
-                 "print('NODES', json.dumps([{'ip': n['NodeManagerAddress'], 'id': n['NodeID'], "
-                 "'resources': n['Resources']} for n in ray.nodes() if n['Alive']]))") % self.gcs_address  # fmt: skip
-        done = subprocess.run([sys.executable, "-c", probe], env=self.env, capture_output=True, text=True, timeout=120)
-        line = next((x for x in done.stdout.splitlines() if x.startswith("NODES ")), None)
+    def _ask(self, expression: str, imports: str = "") -> Any:
+        """The JSON value of ``expression``, computed by a short-lived Python process that can reach this
+        cluster (its token); ``imports`` come first."""
+        code = f"import json, ray; {imports}; print('ANSWER', json.dumps({expression}))"
+        done = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=120)
+        line = next((x for x in done.stdout.splitlines() if x.startswith("ANSWER ")), None)
         if line is None:
-            raise RuntimeError(f"could not list the nodes:\n{done.stdout}\n{done.stderr}")
+            raise RuntimeError(f"asking the cluster for {expression} failed:\n{done.stdout}\n{done.stderr}")
         return json.loads(line.split(" ", 1)[1])
+
+    def alive_nodes(self) -> list[dict]:
+        """The cluster's live nodes as the head sees them."""
+        return self._ask("[{'ip': n['NodeManagerAddress'], 'id': n['NodeID'], 'resources': n['Resources']} "
+                         "for n in ray.nodes() if n['Alive']]",
+                         f"ray.init(address={self.gcs_address!r}, logging_level='ERROR')")  # fmt: skip
 
     def train_worker_pids(self) -> list[int]:
         """PIDs of the live Ray Train worker processes, found through Ray's state API."""
         # The dashboard's address, not auto-detection: other Rays on this machine (the tests' own) would be found too.
-        probe = ("import json; from ray.util.state import list_actors; "
-                 "print('PIDS', json.dumps([a.pid for a in list_actors(address=%r, filters=[('class_name', '=', "
-                 "'RayTrainWorker'), ('state', '=', 'ALIVE')])]))") % self.address  # fmt: skip
-        done = subprocess.run([sys.executable, "-c", probe], env=self.env, capture_output=True, text=True, timeout=120)
-        line = next((x for x in done.stdout.splitlines() if x.startswith("PIDS ")), None)
-        if line is None:
-            raise RuntimeError(f"could not list the actors:\n{done.stdout}\n{done.stderr}")
-        return json.loads(line.split(" ", 1)[1])
+        return self._ask(f"[a.pid for a in list_actors(address={self.address!r}, filters=[('class_name', '=', "
+                         "'RayTrainWorker'), ('state', '=', 'ALIVE')])]", "from ray.util.state import list_actors")
 
     def wait_for_nodes(self, count: int, timeout_s: float = 120.0) -> list[dict]:
         deadline = time.monotonic() + timeout_s

@@ -90,6 +90,18 @@ def _wait_for_commit(run_dir: Path, epoch: int, process: subprocess.Popen, log: 
         time.sleep(0.05)
 
 
+def _lose_a_node_after_epoch_1(cluster: RayCluster, digits: Path, work: Path, run_name: str, **extra):
+    """A 2-node run of ``EPOCHS`` epochs, ``max_failures: 1``, whose second node's raylet is SIGKILLed once
+    epoch 1's checkpoint is Ray's (epoch 2 runs). Returns ``(settings, driver process, log, lost node)``."""
+    cluster.ensure_nodes(2)
+    lost = cluster.nodes[-1]
+    settings = _settings(digits, work, run_name=run_name, **{"optim.epochs": EPOCHS, "max_failures": 1, **extra})
+    process, log = _start(cluster, work, "train", settings, "--new")
+    _wait_for_commit(work / "shared" / "runs" / run_name, 1, process, log, timeout_s=240)
+    lost.kill_raylet()
+    return settings, process, log, lost
+
+
 def _placements(output: str) -> list[list[str]]:
     """The nodes of each worker-group start, from the loop's "N node(s): rank 0 IP/ID, ..." lines."""
     found = []
@@ -143,14 +155,9 @@ def test_a_two_node_run_survives_losing_a_node_and_writes_only_to_storage_path(r
     replacement node joins (as the autoscaler would); the run resumes from the last checkpoint and finishes:
     one MLflow run, each epoch once, checkpoints under storage_path only, the best one loading without Ray."""
     cluster = ray_cluster
-    cluster.ensure_nodes(2)
-    lost = cluster.nodes[-1]
-    config_settings = _settings(digits_shards, tmp_path, run_name="two-nodes", **{"optim.epochs": EPOCHS,
-                                "max_failures": 1, "checkpoint.keep": 1})  # fmt: skip
-    process, log = _start(cluster, tmp_path, "train", config_settings, "--new")
+    config_settings, process, log, lost = _lose_a_node_after_epoch_1(cluster, digits_shards, tmp_path, "two-nodes",
+                                                                     **{"checkpoint.keep": 1})  # fmt: skip
     run_dir = tmp_path / "shared" / "runs" / "two-nodes"
-    _wait_for_commit(run_dir, 1, process, log, timeout_s=240)  # epoch 1's checkpoint is Ray's: epoch 2 runs
-    lost.kill_raylet()
     replacement = cluster.add_node()
     output = _wait(process, log, timeout_s=420)
     assert process.returncode == 0, output[-6000:]
@@ -188,14 +195,8 @@ def test_a_two_node_run_survives_losing_a_node_and_writes_only_to_storage_path(r
 def test_losing_a_node_without_a_replacement_fails_naming_the_node(ray_cluster, digits_shards, tmp_path):
     """No node replaces the lost one: after scaling.resource_wait_s per try the run fails with exit code 1,
     naming the lost node and what the rest lacked; the MLflow run is FAILED. Not a hang."""
-    cluster = ray_cluster
-    cluster.ensure_nodes(2)
-    lost = cluster.nodes[-1]
-    config_settings = _settings(digits_shards, tmp_path, run_name="no-room", **{"optim.epochs": EPOCHS,
-                                "max_failures": 1, "scaling.resource_wait_s": 5})  # fmt: skip
-    process, log = _start(cluster, tmp_path, "train", config_settings, "--new")
-    _wait_for_commit(tmp_path / "shared" / "runs" / "no-room", 1, process, log, timeout_s=240)
-    lost.kill_raylet()
+    config_settings, process, log, lost = _lose_a_node_after_epoch_1(ray_cluster, digits_shards, tmp_path, "no-room",
+                                                                     **{"scaling.resource_wait_s": 5})  # fmt: skip
     output = _wait(process, log, timeout_s=300)
     assert process.returncode == 1, output[-6000:]
     error = output[output.rindex("error: run 'no-room' failed"):]

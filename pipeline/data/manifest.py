@@ -199,6 +199,11 @@ def is_local(location: str) -> bool:
     return scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt")
 
 
+def is_http(location: str) -> bool:
+    """An http(s) URL: a transport that can start at a byte offset (Range requests)."""
+    return urlparse(location).scheme in ("http", "https")
+
+
 def local_path(url: str) -> Path:
     """The filesystem path of a local path or ``file:`` URL."""
     parsed = urlparse(url)

@@ -43,6 +43,7 @@ from .manifest import (
     DatasetManifest,
     ManifestError,
     SplitManifest,
+    is_http,
     is_local,
     local_path,
     location_template,
@@ -205,7 +206,7 @@ class _EpochStream(IterableDataset):
         where the transport can seek (local files, https ranges)."""
         position, offset = 0, 0
         jump = min(start // OFFSET_STRIDE, len(entry.offsets) - 1)
-        if jump > 0 and (is_local(url) or url.startswith(("http://", "https://"))):
+        if jump > 0 and (is_local(url) or is_http(url)):
             position, offset = jump * OFFSET_STRIDE, entry.offsets[jump]
         samples = read_shard(url, offset)
         for sample in samples:

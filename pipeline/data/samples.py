@@ -16,7 +16,7 @@ from typing import IO
 
 from PIL import Image
 
-from .manifest import ManifestError, local_path
+from .manifest import ManifestError, is_http, local_path
 
 IMAGE_EXTS = frozenset({"png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm"})
 LABEL_EXT = "cls"
@@ -71,7 +71,7 @@ def checked_samples(url: str, offset: int, read: Callable[[IO[bytes]], Iterable[
     from webdataset.gopen import gopen
 
     try:
-        if offset and url.startswith(("http://", "https://")):
+        if offset and is_http(url):
             stream = _http_range(url, offset)
         elif offset:
             stream = open(local_path(url), "rb")

@@ -184,11 +184,8 @@ def _filesystem(uri: str):
     return pyarrow.fs.FileSystem.from_uri(uri)
 
 
-def _complete_checkpoints(run_dir: str, pattern: re.Pattern) -> list[tuple[str, dict[str, Any]]]:
-    """``(uri, meta)`` of the run directory's checkpoints whose names match, newest (by number) first.
-
-    A directory without a readable ``meta.json`` (an upload cut short: meta.json is written last) is skipped.
-    """
+def _numbered_dirs(run_dir: str, pattern: re.Pattern) -> list[tuple[int, str]]:
+    """``(number, path)`` of the run directory's folders whose names match ``pattern``, highest number first."""
     import pyarrow.fs
 
     fs, root = _filesystem(run_dir)
@@ -196,20 +193,25 @@ def _complete_checkpoints(run_dir: str, pattern: re.Pattern) -> list[tuple[str, 
         infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
     except (FileNotFoundError, NotADirectoryError):
         return []
-    candidates = []
-    for info in infos:
-        match = pattern.match(info.base_name)
-        if info.type == pyarrow.fs.FileType.Directory and match:
-            candidates.append((int(match.group(1)), info.path))
-    found = []
-    for _, path in sorted(candidates, reverse=True):
+    found = [(int(match.group(1)), info.path) for info in infos
+             if info.type == pyarrow.fs.FileType.Directory and (match := pattern.match(info.base_name))]  # fmt: skip
+    return sorted(found, reverse=True)
+
+
+def _newest_complete(run_dir: str, pattern: re.Pattern) -> tuple[str, dict[str, Any]] | None:
+    """``(uri, meta)`` of the highest-numbered matching checkpoint with a readable ``meta.json``, or None.
+
+    A directory without one (an upload cut short: meta.json is written last) is skipped.
+    """
+    fs, _ = _filesystem(run_dir)
+    for _, path in _numbered_dirs(run_dir, pattern):
         try:
             with fs.open_input_stream(f"{path}/{META_FILE}") as stream:
                 meta = json.loads(stream.read().decode("utf-8"))
         except (FileNotFoundError, OSError, ValueError):
             continue
-        found.append((path if "://" not in run_dir else f"{run_dir.split('://', 1)[0]}://{path}", meta))
-    return found
+        return (path if "://" not in run_dir else f"{run_dir.split('://', 1)[0]}://{path}"), meta
+    return None
 
 
 def latest_checkpoint(run_dir: str) -> tuple[str, dict[str, Any]] | None:
@@ -218,16 +220,15 @@ def latest_checkpoint(run_dir: str) -> tuple[str, dict[str, Any]] | None:
     Used by the driver to decide between resuming and starting, and to find the MLflow run to continue.
     Newest means furthest in training (global step); at a tie the epoch-end checkpoint wins.
     """
-    epoch = _complete_checkpoints(run_dir, _DIR_PATTERN)[:1]
-    step = _complete_checkpoints(run_dir, _STEP_PATTERN)[:1]
-    ranked = sorted(epoch + step, key=lambda found: (found[1].get("global_step", 0), found in epoch))
-    return ranked[-1] if ranked else None
+    epoch, step = _newest_complete(run_dir, _DIR_PATTERN), latest_step_checkpoint(run_dir)
+    if epoch is None or step is None:
+        return epoch or step
+    return step if step[1].get("global_step", 0) > epoch[1].get("global_step", 0) else epoch
 
 
 def latest_step_checkpoint(run_dir: str) -> tuple[str, dict[str, Any]] | None:
     """The newest complete mid-epoch checkpoint of a run directory and its ``meta.json``, or None."""
-    found = _complete_checkpoints(run_dir, _STEP_PATTERN)
-    return found[0] if found else None
+    return _newest_complete(run_dir, _STEP_PATTERN)
 
 
 @contextlib.contextmanager
@@ -278,10 +279,14 @@ class StepCheckpointer:
     def prune(self, before_step: int) -> None:
         """Delete the step checkpoints older than ``before_step`` (an epoch-end checkpoint there supersedes them)."""
         self.wait()
+        self._delete_older(before_step)
+
+    def _delete_older(self, step: int) -> None:
+        """Step checkpoints before ``step``, complete or cut short (the global step is in their name)."""
         fs, _ = _filesystem(self.run_dir)
-        for uri, meta in _complete_checkpoints(self.run_dir, _STEP_PATTERN):
-            if meta.get("global_step", 0) < before_step:
-                fs.delete_dir(_filesystem(uri)[1])
+        for number, path in _numbered_dirs(self.run_dir, _STEP_PATTERN):
+            if number < step:
+                fs.delete_dir(path)
 
     def _upload_then_prune(self, scratch: str, target: str, global_step: int) -> None:
         import pyarrow.fs
@@ -293,9 +298,7 @@ class StepCheckpointer:
             for name in (STATE_FILE, META_FILE):  # meta.json last: it marks the checkpoint complete
                 pyarrow.fs.copy_files(f"{scratch}/{name}", f"{path}/{name}", source_filesystem=local,
                                       destination_filesystem=fs)  # fmt: skip
-            for uri, meta in _complete_checkpoints(self.run_dir, _STEP_PATTERN):
-                if meta.get("global_step", 0) < global_step:
-                    fs.delete_dir(_filesystem(uri)[1])
+            self._delete_older(global_step)
         except BaseException as err:  # noqa: BLE001 - handed to the training thread by wait()
             self._error = err
         finally:
@@ -315,8 +318,10 @@ def delete_run_dir(run_dir: str) -> bool:
 
 def check_writable(storage_path: str) -> None:
     """Write and delete a probe file under ``storage_path`` (local or a pyarrow URI such as ``s3://``), so an
-    unwritable or unreachable location fails before Ray starts; raises OSError naming the path."""
+    unwritable or unreachable location fails before Ray starts; raises ConfigError naming the path."""
     import uuid
+
+    from pipeline.train.config import ConfigError
 
     probe = f"{storage_path.rstrip('/')}/.vitpipe-write-probe-{uuid.uuid4().hex[:8]}"
     try:
@@ -326,5 +331,5 @@ def check_writable(storage_path: str) -> None:
             stream.write(b"probe")
         fs.delete_file(path)
     except (OSError, ValueError) as err:  # pyarrow: PermissionError, FileNotFoundError, ArrowIOError (an OSError)
-        raise OSError(f"storage_path {storage_path}: cannot write there ({type(err).__name__}: {err})") from None
+        raise ConfigError(f"storage_path {storage_path}: cannot write there ({type(err).__name__}: {err})") from None
 

@@ -190,10 +190,7 @@ def train(config: TrainConfig, *, new: bool = False, address: str | None = None)
     from pipeline.train.checkpoint import check_writable
 
     facts = check_model_and_optimisation(config)
-    try:
-        check_writable(config.storage_path)  # before Ray (and the MLflow run): Ray finds it out at the first save
-    except OSError as err:
-        raise ConfigError(str(err)) from None
+    check_writable(config.storage_path)  # before Ray (and the MLflow run): Ray finds it out at the first save
     resume = _resume_point(config, new)
     tracking_uri = config.mlflow.tracking_uri
     if resume is not None:

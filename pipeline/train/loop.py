@@ -727,8 +727,7 @@ def _check_branches_closed(model: nn.Module, logger) -> None:
 
 
 def _train_epochs(state: State, config: TrainConfig, d: Dist, train_loader, val_loader, logger, castling,
-                  step_checkpoints=None, epoch_metrics: _EpochMetrics | None = None) -> dict:  # fmt: skip
-    epoch_metrics = epoch_metrics or _EpochMetrics(None)
+                  step_checkpoints: StepCheckpointer | None, epoch_metrics: _EpochMetrics) -> dict:  # fmt: skip
     for epoch in range(state.epochs_done, config.optim.epochs):
         train_loader.set_epoch(epoch)
         if state.batches_done:  # resumed from a mid-epoch checkpoint: the rest of this epoch's plan
@@ -859,7 +858,6 @@ def _report(state: State, config: TrainConfig, d: Dist, metrics: dict[str, float
         directory = tempfile.mkdtemp(prefix="vitpipe-epoch-")
         save_checkpoint(directory, state.to_dict(config, reported, logger.run_id if logger else None))
         checkpoint = ray.train.Checkpoint.from_directory(directory)
-    if d.rank == 0:
         epoch_metrics.log_committed(wait_s=None)  # the previous epoch's, committed by now
     ray.train.report(reported, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(state.epochs_done),
                      checkpoint_upload_mode=CheckpointUploadMode.ASYNC)  # fmt: skip

@@ -450,10 +450,7 @@ def run_sweep(
     if max_concurrent is not None and max_concurrent < 1:
         raise ConfigError(f"max_concurrent must be >= 1, got {max_concurrent}")
     path = f"{config.storage_path.rstrip('/')}/{name}"
-    try:
-        check_writable(config.storage_path)  # before Ray: Tune finds it out at its first experiment save
-    except OSError as err:
-        raise ConfigError(str(err)) from None
+    check_writable(config.storage_path)  # before Ray: Tune finds it out at its first experiment save
     if new and delete_run_dir(path):
         print(f"[vitpipe] --new: removed the previous sweep in {path}")
 
