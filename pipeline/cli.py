@@ -125,6 +125,20 @@ def _add_tune_commands(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--out", help="folder for evaluation.json (and DVT's budget curve JSON + PNG)")
     evaluate.set_defaults(func=_evaluate)
 
+    export = sub.add_parser("export", help="export a checkpoint or registered model in inference form (ONNX, "
+                            "torch.export pt2, TorchScript), checked against PyTorch",
+                            description="Export the deployed form of a model (Castling-ViT without its "
+                            "training-only branch; a DVT cascade exit by exit, with calibrated thresholds) and "
+                            "check the written file against PyTorch. See pipeline/export.py.")  # fmt: skip
+    export.add_argument("model_uri", help="models:/NAME@champion, models:/NAME/VERSION, or a checkpoint path")
+    export.add_argument("--format", required=True, choices=["onnx", "pt2", "torchscript"])  # export.FORMATS
+    export.add_argument("--out", required=True, help="folder for the exported file(s), export.json and config.yaml")
+    export.add_argument("--shards", help="a shard dataset root: check on real images of --split (default: seeded "
+                        "noise); a DVT cascade needs it to calibrate its thresholds on val")  # fmt: skip
+    export.add_argument("--split", default="val", help="the split whose images the export is checked on")
+    export.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db")
+    export.set_defaults(func=_export)
+
 
 def _run_tune(args: argparse.Namespace) -> int:
     from pipeline.tune.cli import run_from_args
@@ -160,6 +174,24 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"vitpipe evaluate: {exc}", file=sys.stderr)
         return 2
     print(report.summary())
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pipeline.data.manifest import ManifestError
+    from pipeline.export import ExportError, export_model
+    from pipeline.registry import RegistryError
+
+    try:
+        summary = export_model(args.model_uri, args.format, args.out, shards=args.shards, split=args.split,
+                               tracking_uri=args.tracking_uri)  # fmt: skip
+    except (ExportError, RegistryError, ManifestError, FileNotFoundError, ValueError) as exc:
+        print(f"vitpipe export: {exc}", file=sys.stderr)
+        return 2
+    for item in summary["files"]:
+        print(f"{args.out}/{item['file']}: {' '.join(item['inputs'])} -> {' '.join(item['outputs'])} "
+              f"(max relative difference to PyTorch {item['max_relative_difference']:.1e})")  # fmt: skip
+    print(f"checked on {summary['checked_on']}; export.json" + (", thresholds.json" if "thresholds" in summary else ""))
     return 0
 
 

@@ -26,6 +26,13 @@ class ConvertMode:
         return f"{type(self).__name__}({self.mode!r})"
 
 
+def default_normalisation(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean and std images are normalised with: ImageNet's (timm's default)."""
+    if in_chans == 1:  # [ours] one channel: the average of ImageNet's per-channel statistics
+        return (sum(IMAGENET_DEFAULT_MEAN) / 3,), (sum(IMAGENET_DEFAULT_STD) / 3,)
+    return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
+
+
 def build_transform(
     img_size: int | tuple[int, int],
     *,
@@ -46,10 +53,7 @@ def build_transform(
     if in_chans not in (1, 3):
         raise ValueError(f"in_chans must be 1 (greyscale) or 3 (RGB), got {in_chans}")
     if mean is None or std is None:
-        mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-        if in_chans == 1:
-            # [ours] one channel: the average of ImageNet's per-channel statistics.
-            mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+        mean, std = default_normalisation(in_chans)
     if len(mean) != in_chans or len(std) != in_chans:
         raise ValueError(f"mean/std need {in_chans} value(s) for in_chans={in_chans}, got {mean} / {std}")
     h, w = (img_size, img_size) if isinstance(img_size, int) else img_size

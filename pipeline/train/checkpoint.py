@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pickle
 import re
 import shutil
 import tempfile
@@ -119,8 +118,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:  # JSON, text, truncated, foreign
+    except Exception as err:  # noqa: BLE001 - a foreign file fails in many ways (UnpicklingError, EOFError, KeyError...)
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        first = f"{type(err).__name__}: {first}" if isinstance(err, (KeyError, IndexError)) else first
         raise CheckpointError(f"{path} is not a vitpipe checkpoint (torch.load with weights_only: {first}); a "
                               f"checkpoint is a {_DIR_PATTERN.pattern[1:-1]} directory holding {STATE_FILE}") from None
     if not isinstance(state, dict) or not {"model", "config"} <= set(state):
