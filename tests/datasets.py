@@ -55,17 +55,28 @@ def make_digits_shards(
     val_fraction: float = 0.1,
     rgb: bool = False,
     seed: int = 0,
+    classes: Sequence[int] | dict[int, int] | None = None,
 ) -> Path:
     """Build train/val/test shards of the digits under ``out_dir`` and return ``out_dir``.
 
     ``rgb=True`` stores three-channel images (the grey value repeated) for tests of RGB paths.
+    ``classes``: only these digits, labelled 0, 1, ... in that order; or a mapping digit -> label (another
+    label set over the same images, e.g. ``{d: d // 5 for d in range(10)}``), for fine-tuning tests.
     """
     images, labels = digits_arrays(image_size)
     if rgb:
         images = np.repeat(images[..., None], 3, axis=3)
     n_train = len(labels) - DIGITS_TEST
     splits = {"train": (images[:n_train], labels[:n_train]), "test": (images[n_train:], labels[n_train:])}
-    source = ArraySource(splits, [str(i) for i in range(10)], name="sklearn digits", format="array")
+    names = [str(i) for i in range(10)]
+    if classes is not None:
+        relabel = dict(classes) if isinstance(classes, dict) else {digit: new for new, digit in enumerate(classes)}
+        kept = list(relabel)
+        splits = {split: (x[np.isin(y, kept)], np.array([relabel[v] for v in y[np.isin(y, kept)]], np.int64))
+                  for split, (x, y) in splits.items()}  # fmt: skip
+        names = [str(digit) for digit in classes] if not isinstance(classes, dict) else \
+            ["+".join(str(d) for d in kept if relabel[d] == label) for label in sorted(set(relabel.values()))]
+    source = ArraySource(splits, names, name="sklearn digits", format="array")
     write_dataset(source, out_dir, samples_per_shard=samples_per_shard, val_fraction=val_fraction, seed=seed,
                   progress=False)  # fmt: skip
     return Path(out_dir)

@@ -304,6 +304,16 @@ class HierarchicalViT(nn.Module):
         }
 
     @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups by depth, for timm's layer-wise learning-rate decay (``optim.layer_decay``); a stage's
+        merging and its shared tables go with its first block, as timm's Swin."""
+        return dict(stem=r"^stem", blocks=r"^layers\.(\d+)" if coarse else [
+            (r"^layers\.(\d+)\.(?:downsample|shared_attn_params)", (0,)),
+            (r"^layers\.(\d+)\.blocks\.(\d+)", None),
+            (r"^norm", (99999,)),
+        ])  # fmt: skip
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 

@@ -265,6 +265,12 @@ class VisionTransformer(nn.Module):
                   if name.endswith("_table") or name.endswith("outer_bias_gain")}  # fmt: skip
         return {"pos_embed", "cls_token"} | tables
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups by depth, for timm's layer-wise learning-rate decay (``optim.layer_decay``)."""
+        return dict(stem=r"^cls_token|^pos_embed|^patch_embed|^shared_attn_params",  # tables shared by all blocks
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])  # fmt: skip
+
     def get_classifier(self) -> nn.Module:
         return self.head
 

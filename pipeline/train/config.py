@@ -48,9 +48,17 @@ class ModelConfig:
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)  # family knobs, e.g. LSLA's ds_init
     drop_path_rate: float = 0.0
+    # Start from trained weights (pipeline.train.finetune): a checkpoint path, models:/NAME@ALIAS or
+    # models:/NAME/VERSION, or timm:NAME (timm's pretrained weights, from pretrained_file when given).
+    init_from: str | None = None
+    pretrained_file: str | None = None  # a local copy of timm's weights for init_from: timm:NAME (offline)
 
     def __post_init__(self) -> None:
         _check_range("model.drop_path_rate", self.drop_path_rate, 0.0, 1.0, high_open=True)
+        if self.pretrained_file is not None and not (self.init_from or "").startswith("timm:"):
+            raise ConfigError("model.pretrained_file: only read with model.init_from: timm:NAME")
+        if self.init_from is not None and not self.init_from.strip():
+            raise ConfigError("model.init_from: empty; leave it out to train from scratch")
 
 
 @dataclass
@@ -120,6 +128,9 @@ class OptimConfig:
     clip_mode: Literal["norm", "value", "agc"] = "norm"
     accum_steps: int = 1
     label_smoothing: float = 0.0
+    # Layer-wise learning-rate decay (timm's, BEiT-style): layer l of L trains at lr * layer_decay**(L - l),
+    # the head at lr. For fine-tuning; None: one learning rate.
+    layer_decay: float | None = None
     ema: bool = False  # timm ModelEmaV3 of the weights, validated every epoch as val_ema/*
     ema_decay: float = 0.9998
     seed: int = 0
@@ -137,6 +148,8 @@ class OptimConfig:
             _check_positive("optim.clip_grad", self.clip_grad)
         _check_positive("optim.accum_steps", self.accum_steps)
         _check_range("optim.label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
+            raise ConfigError(f"optim.layer_decay must be in (0, 1] or null, got {self.layer_decay}")
         _check_range("optim.ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
 
 
@@ -594,6 +607,9 @@ def resolve_config(config: TrainConfig, *, base_dir: str | os.PathLike | None = 
     for name in ("train", "val", "test"):
         if getattr(config.data, name) is not None:
             data["data"][name] = _absolute(getattr(config.data, name), base)
+    for name in ("init_from", "pretrained_file"):  # timm:NAME and models:/... are URIs: left as they are
+        if getattr(config.model, name) is not None:
+            data["model"][name] = _absolute(getattr(config.model, name), base)
     resolved = TrainConfig.from_dict(data)
     if check_data:
         check_data_sources(resolved)

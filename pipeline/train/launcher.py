@@ -19,11 +19,14 @@ import argparse
 import math
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from pipeline.train.config import ConfigError, TrainConfig, flatten, load_config, resolve_config
+
+if TYPE_CHECKING:
+    from pipeline.train.finetune import InitialWeights
 
 __all__ = ["NonFiniteLossError", "TrainingError", "add_arguments", "build_trainer", "ensure_ray", "main", "prepare",
            "train"]
@@ -88,8 +91,15 @@ def check_model_and_optimisation(config: TrainConfig) -> dict[str, int | float]:
 WORKER_GROUP_START_RETRIES = 2
 
 
-def build_trainer(config: TrainConfig, *, mlflow_run_id: str | None, callbacks: list | None = None):
-    """The ``TorchTrainer`` of a resolved config (Ray must be initialised). Tune trials build theirs here too."""
+def build_trainer(config: TrainConfig, *, mlflow_run_id: str | None, callbacks: list | None = None,
+                  initial: InitialWeights | None = None):  # fmt: skip
+    """The ``TorchTrainer`` of a resolved config (Ray must be initialised). Tune trials build theirs here too.
+
+    ``initial``: the weights ``model.init_from`` names, fitted on the driver; they travel to the workers
+    through Ray's object store (a worker on another node need not see the driver's files or registry).
+    """
+    import ray
+
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
@@ -105,7 +115,9 @@ def build_trainer(config: TrainConfig, *, mlflow_run_id: str | None, callbacks: 
         resources["GPU"] = 1
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.to_dict(), "mlflow_run_id": mlflow_run_id},
+        train_loop_config={"config": config.to_dict(), "mlflow_run_id": mlflow_run_id, "initial_weights":
+                           None if initial is None else ray.put(initial.state_dict) if ray.is_initialized()
+                           else initial.state_dict},  # fmt: skip
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=resources),  # fmt: skip
         run_config=RunConfig(
@@ -192,6 +204,12 @@ def train(config: TrainConfig, *, new: bool = False, address: str | None = None)
     facts = check_model_and_optimisation(config)
     check_writable(config.storage_path)  # before Ray (and the MLflow run): Ray finds it out at the first save
     resume = _resume_point(config, new)
+    initial = None
+    if config.model.init_from is not None and resume is None:  # a resumed run's checkpoint holds its weights
+        from pipeline.train.finetune import initial_weights
+
+        initial = initial_weights(config)
+        print(f"[vitpipe] starting from {initial.source}" + "".join(f"\n[vitpipe]   {n}" for n in initial.notes))
     tracking_uri = config.mlflow.tracking_uri
     if resume is not None:
         run_id = resume.get("mlflow_run_id")
@@ -204,7 +222,8 @@ def train(config: TrainConfig, *, new: bool = False, address: str | None = None)
     run_id, resumed = tracking.open_run(
         tracking_uri, config.mlflow.experiment, config.run_name,
         params={**flatten(config.to_dict()), **{f"model.{k}": v for k, v in facts.items()}},
-        tags={**tracking.run_tags(), tracking.TAG_RUN_DIR: config.run_dir, "vitpipe.model": config.model.name},
+        tags={**tracking.run_tags(), tracking.TAG_RUN_DIR: config.run_dir, "vitpipe.model": config.model.name,
+              **(initial.tags() if initial else {})},
         artifacts={"config.yaml": yaml.safe_dump(config.to_dict(), sort_keys=False)},
         resume_run_id=None if resume is None else resume.get("mlflow_run_id"), outage_wait_s=config.mlflow.outage_wait_s,
     )  # fmt: skip
@@ -215,7 +234,7 @@ def train(config: TrainConfig, *, new: bool = False, address: str | None = None)
         ensure_ray(config, address)
     from ray.train import TrainingFailedError
 
-    trainer = build_trainer(config, mlflow_run_id=run_id)
+    trainer = build_trainer(config, mlflow_run_id=run_id, initial=initial)
     scaling = config.scaling
     if scaling.num_workers > 0:
         print(f"[vitpipe] starting {scaling.num_workers} Ray Train worker(s), {scaling.cpus_per_worker:g} CPU"

@@ -426,7 +426,7 @@ def train_one_epoch(
             if d.rank == 0 and i != steps - 1:  # the epoch's own line follows its last step
                 left = total_updates - state.global_step
                 rate = images_seen * d.world_size / (now - start)
-                lr = state.optimizer.param_groups[0]["lr"]
+                lr = _lr(state.optimizer)
                 _progress(
                     f"epoch {epoch + 1}/{opt.epochs} step {i // opt.accum_steps + 1}/{updates} "
                     f"loss {mean_loss:.4f} lr {lr:.2e} {rate:.0f} img/s eta {_format_eta(left * float(np.mean(step_times)))}"
@@ -516,14 +516,24 @@ def _optimizer(config: TrainConfig, model: nn.Module, device: torch.device) -> t
         if fusable:
             kwargs["fused"] = True
     return create_optimizer_v2(model, opt=opt.optimizer, lr=opt.lr, weight_decay=opt.weight_decay,
-                               momentum=opt.momentum, **kwargs)  # fmt: skip
+                               momentum=opt.momentum, layer_decay=opt.layer_decay, **kwargs)  # fmt: skip
 
 
-def _setup(config: TrainConfig, d: Dist) -> State:
+def _lr(optimizer: torch.optim.Optimizer) -> float:
+    """The base learning rate: the largest group's (with layer decay, the head's)."""
+    return max(group["lr"] for group in optimizer.param_groups)
+
+
+def _setup(config: TrainConfig, d: Dist, initial_weights: dict[str, Tensor] | None = None) -> State:
+    """Model (from ``initial_weights`` when given: ``model.init_from``, fitted on the driver), DDP, compile,
+    optimiser, EMA; the scheduler comes once the loader's length is known."""
     from timm.utils import ModelEmaV3
 
     torch.manual_seed(config.optim.seed)  # identical initial weights on every rank
-    model = build_model(config).to(d.device)
+    model = build_model(config)
+    if initial_weights is not None:  # before the EMA copies the weights; a resumed run loads its own after
+        model.load_state_dict(initial_weights)
+    model = model.to(d.device)
     if _memory_format(config, d.device) == torch.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ddp = model
@@ -577,7 +587,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
 
     nodes = _worker_nodes(d)
-    state = _setup(config, d)
+    initial = loop_config.get("initial_weights")
+    if initial is not None and not isinstance(initial, dict):  # an object ref: from the driver, through Ray
+        import ray
+
+        initial = ray.get(initial)
+    state = _setup(config, d, initial)
     train_loader = _loader(config, d, "train", train=True)
     val_loader = _loader(config, d, "val", train=False)
     state.updates_per_epoch = math.ceil(len(train_loader) / config.optim.accum_steps)
@@ -743,7 +758,7 @@ def _train_epochs(state: State, config: TrainConfig, d: Dist, train_loader, val_
             return {"status": "non_finite_loss", "message": message, "epoch": epoch + 1, "step": state.global_step}
         metrics = {
             "train/loss": epoch_result.loss,
-            "train/lr": state.optimizer.param_groups[0]["lr"],
+            "train/lr": _lr(state.optimizer),
             "train/images_per_s": epoch_result.images / epoch_result.seconds,
             "train/epoch_time_s": epoch_result.seconds,
             "train/step_time_s": float(np.median(epoch_result.step_times)) if epoch_result.step_times else math.nan,

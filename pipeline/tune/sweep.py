@@ -116,7 +116,8 @@ def _child_runs(client, experiment_id: str, parent_run_id: str, trial_id: str | 
     return client.search_runs([experiment_id], filter_string=query, max_results=10_000)
 
 
-def _open_trial_run(config: TrainConfig, setup: TrialSetup, trial_id: str, facts: dict) -> str:
+def _open_trial_run(config: TrainConfig, setup: TrialSetup, trial_id: str, facts: dict,
+                    tags: dict[str, str]) -> str:  # fmt: skip
     """The trial's child run: the one it opened before a restart, else a new one under the parent."""
     from mlflow.tracking import MlflowClient
 
@@ -130,7 +131,7 @@ def _open_trial_run(config: TrainConfig, setup: TrialSetup, trial_id: str, facts
         uri, config.mlflow.experiment, f"{setup.sweep_name}/{trial_id}",
         params={**flatten(config.to_dict()), **{f"model.{k}": v for k, v in facts.items()}},
         tags={**tracking.run_tags(), TAG_PARENT: setup.parent_run_id, TAG_ROLE: "trial", TAG_TRIAL_ID: trial_id,
-              tracking.TAG_RUN_DIR: config.run_dir, "vitpipe.model": config.model.name},
+              tracking.TAG_RUN_DIR: config.run_dir, "vitpipe.model": config.model.name, **tags},
         artifacts={"config.yaml": yaml.safe_dump(config.to_dict(), sort_keys=False)},
         resume_run_id=previous[0].info.run_id if previous else None,
     )  # fmt: skip
@@ -149,14 +150,16 @@ def run_trial(values: dict[str, Any], setup: TrialSetup) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipeline import tracking
+    from pipeline.train.finetune import initial_weights
     from pipeline.train.launcher import build_trainer, check_model_and_optimisation
 
     trial_id = tune.get_context().get_trial_id()
     config = trial_config(setup.base, {**values, "run_name": trial_id, "storage_path": setup.train_storage})
     changes_model = any(key.startswith(("model.", "data.")) for key in values)
     facts = check_model_and_optimisation(config) if changes_model or not setup.facts else setup.facts
-    run_id = _open_trial_run(config, setup, trial_id, facts)
-    trainer = build_trainer(config, mlflow_run_id=run_id, callbacks=[TuneReportCallback()])
+    initial = initial_weights(config)  # model.init_from, fitted to this trial's model (None: from scratch)
+    run_id = _open_trial_run(config, setup, trial_id, facts, initial.tags() if initial else {})
+    trainer = build_trainer(config, mlflow_run_id=run_id, callbacks=[TuneReportCallback()], initial=initial)
     try:
         trainer.fit()
     except TrainingFailedError as err:
@@ -444,6 +447,13 @@ def run_sweep(
     metric, mode = check_space(space, config)
     base = TrainConfig.from_dict(apply_overrides(config.to_dict(), {"checkpoint.metric": metric, "checkpoint.mode": mode}))
     facts = check_model_and_optimisation(base)
+    if base.model.init_from is not None:  # fails here rather than in every trial; an alias read once
+        from pipeline.train.finetune import initial_weights
+
+        initial = initial_weights(base)
+        print(f"[vitpipe] trials start from {initial.source}" + "".join(f"; {n}" for n in initial.notes))
+        if initial.source.startswith("models:/"):
+            base.model.init_from = initial.source
     name = name or f"{config.run_name}-{Path(space.source).stem}"
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise ConfigError(f"sweep name must be letters, digits, '_', '-', '.', got {name!r}")
