@@ -62,7 +62,6 @@ import gc
 import itertools
 import json
 import math
-import re
 import statistics
 import time
 from collections.abc import Callable, Iterable
@@ -79,30 +78,11 @@ from benchmarks.bench_lsla import paired_ratio
 from pipeline.eval.dvt_budget import collect_exit_outputs, exit_shares, find_thresholds
 from pipeline.models.counting import count_macs
 from pipeline.models.layers.castling import mask_regularization
+from pipeline.train.telemetry import PEAK_BF16_TFLOPS, peak_bf16_tflops
 
 KINDS = ("train", "infer")
 TRAINING_FLOPS_PER_FORWARD = 3  # forward + backward (about twice the forward's FLOPs)
 MASK_REG_WEIGHT = 1e-2  # as bench_castling: the regulariser's cost is in the training form's step
-
-# Dense (no 2:4 sparsity) bf16 tensor-core peak with float32 accumulation, TFLOP/s: vendor datasheets.
-# (pattern searched in torch.cuda.get_device_name(), the part it stands for, peak, note); first match wins.
-PEAK_BF16_TFLOPS: tuple[tuple[str, str, float, str], ...] = (
-    (r"H100.*PCIe", "H100 PCIe", 756.0, ""),
-    (r"H100.*NVL", "H100 NVL", 835.0, ""),
-    (r"H100|H800", "H100 SXM", 989.0, ""),
-    (r"H200.*NVL", "H200 NVL", 835.0, ""),
-    (r"H200", "H200 SXM (GH200 alike)", 989.0, ""),
-    (r"B200", "B200", 2250.0, ""),
-    (r"A100|A800", "A100", 312.0, ""),
-    (r"A10G", "A10G", 125.0, "taken as the A10's; AWS publishes no dense bf16 figure: unverified"),
-    (r"\bA10\b", "A10", 125.0, ""),
-    (r"L40S", "L40S", 362.0, ""),
-    (r"\bL40\b", "L40", 181.0, ""),
-    (r"\bL4\b", "L4", 121.0, ""),
-    (r"RTX 4090", "GeForce RTX 4090", 165.0, "GeForce: the float32-accumulate rate, half the fp16-accumulate one"),
-    (r"RTX 3090", "GeForce RTX 3090", 71.0, "GeForce: the float32-accumulate rate, half the fp16-accumulate one"),
-    (r"RTX A6000", "RTX A6000", 155.0, ""),
-)
 
 SWIN_T = "swin_tiny_patch4_window7_224"
 CASTLING_PAIRS = {"castling_deit_tiny": "deit_tiny_patch16_224", "castling_deit_small": "deit_small_patch16_224"}
@@ -136,14 +116,6 @@ TARGETS = (  # (what, group, row, kind, measured field, threshold)
     *((f"{name} training MFU >= 35%", "224", name, "train", "mfu", 0.35)
       for name in ("vit_lsla_tiny", "vit_lsla_swin_t", "hier_msa_swin_t")),
 )  # fmt: skip
-
-
-def peak_bf16_tflops(device_name: str) -> tuple[str, float, str] | None:
-    """(part, dense bf16 TFLOP/s, note) of the first ``PEAK_BF16_TFLOPS`` row whose pattern is in ``device_name``."""
-    for pattern, part, peak, note in PEAK_BF16_TFLOPS:
-        if re.search(pattern, device_name):
-            return part, peak, note
-    return None
 
 
 def print_peak_table(device_name: str) -> None:

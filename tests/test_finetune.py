@@ -97,17 +97,20 @@ def test_weights_fit_another_head_and_grid_and_nothing_else(label_sets, tmp_path
         initial_weights(config_for(second, tmp_path, run_name="x", model__init_from=str(tmp_path / "nothing")))
 
 
-def pretrained_checkpoint(config, directory, epochs: int = 6):
-    """``epochs`` of AdamW on the config's train split, by hand, saved as a checkpoint with its val top-1."""
+def pretrained_checkpoint(config, directory, epochs: int = 6, one_cycle: bool = False):
+    """``epochs`` of AdamW on the config's train split, by hand, saved as a checkpoint. ``one_cycle``: the
+    learning rate follows torch's one-cycle schedule peaking at ``optim.lr`` (weight decay 0.05)."""
     from pipeline.data.reader import build_loader
     from pipeline.data.transforms import build_transform
 
     torch.manual_seed(config.optim.seed)
     model = build_model(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=0.05 if one_cycle else 0.01)
     transform = build_transform(config.data.img_size, train=False, in_chans=config.data.in_chans,
                                 crop_pct=config.data.crop_pct)  # fmt: skip
     loader = build_loader(config.data.train, batch_size=32, train=True, transform=transform, num_workers=0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.optim.lr, total_steps=epochs * len(loader)) \
+        if one_cycle else None
     model.train()
     for epoch in range(epochs):
         loader.set_epoch(epoch)
@@ -116,6 +119,8 @@ def pretrained_checkpoint(config, directory, epochs: int = 6):
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            if schedule is not None:
+                schedule.step()
     return save_model(config, model, directory)
 
 
@@ -145,7 +150,7 @@ def test_timm_pretrained_weights_load_from_a_local_file(digits_shards, tmp_path,
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # no network: fail now, not after retries
     offline = config_for(digits_shards, tmp_path, model__name="vit_tiny_patch16_224", model__kwargs={},
                          data__img_size=32, model__init_from="timm:vit_tiny_patch16_224")  # fmt: skip
-    with pytest.raises(ConfigError, match="offline\\? download the weights once and set model.pretrained_file"):
+    with pytest.raises(ConfigError, match="offline\\? download the weights once and point to the file"):
         initial_weights(offline)
     with pytest.raises(ConfigError, match="model.pretrained_file: only read with model.init_from: timm:NAME"):
         config_for(digits_shards, tmp_path, model__pretrained_file=str(file))
@@ -200,7 +205,8 @@ def test_fine_tuning_a_registered_model_onto_new_labels_beats_training_from_scra
 def test_ray_workers_start_from_the_drivers_weights_and_a_resumed_run_keeps_its_own(ray_local, label_sets, tmp_path,
                                                                                    capfd):  # fmt: skip
     """2 workers: the fitted weights travel through Ray's object store to both ranks (their val shares are
-    evaluated by different ranks, so one rank off its weights would show); resuming does not re-apply them."""
+    evaluated by different ranks, so one rank off its weights would show); resuming does not re-apply them.
+    A distillation teacher (of the new labels) travels the same way and runs on both ranks."""
     from pipeline.train.checkpoint import latest_checkpoint, load_checkpoint, load_model
     from tests.test_train_ray import _top1_single_process
 
@@ -208,10 +214,17 @@ def test_ray_workers_start_from_the_drivers_weights_and_a_resumed_run_keeps_its_
     pretrain = config_for(first, tmp_path, run_name="pretrain", optim__lr=1.0e-3)
     checkpoint = pretrained_checkpoint(pretrain, tmp_path / "pretrain", epochs=1)
     # lr 1e-9: an epoch leaves the weights where they started, so the checkpoint shows what the ranks began from
+    teacher = config_for(second, tmp_path, run_name="teacher")
+    save_model(teacher, build_model(teacher), tmp_path / "teacher")
     tuned = config_for(second, tmp_path, run_name="tuned", model__init_from=str(checkpoint), scaling__num_workers=2,
-                       optim__epochs=1, optim__lr=1.0e-9, optim__warmup_lr=1.0e-9, optim__min_lr=1.0e-9)  # fmt: skip
+                       optim__epochs=1, optim__lr=1.0e-9, optim__warmup_lr=1.0e-9, optim__min_lr=1.0e-9,
+                       method__distill__teacher=str(tmp_path / "teacher"), method__distill__kind="hard")  # fmt: skip
     summary = train(tuned)
-    assert "[vitpipe] starting from " + str(checkpoint) in capfd.readouterr().out
+    out = capfd.readouterr().out
+    assert "[vitpipe] starting from " + str(checkpoint) in out
+    assert f"[vitpipe] distilling from {tmp_path / 'teacher'} (hard, weight 0.5)" in out
+    tags = MlflowClient(tuned.mlflow.tracking_uri).get_run(summary["mlflow_run_id"]).data.tags
+    assert tags["vitpipe.distill_teacher"] == str(tmp_path / "teacher")
     start = load_checkpoint(latest_checkpoint(tuned.run_dir)[0])
     source = load_checkpoint(checkpoint)["model"]
     for key, value in start["model"].items():

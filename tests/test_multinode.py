@@ -155,8 +155,9 @@ def test_a_two_node_run_survives_losing_a_node_and_writes_only_to_storage_path(r
     replacement node joins (as the autoscaler would); the run resumes from the last checkpoint and finishes:
     one MLflow run, each epoch once, checkpoints under storage_path only, the best one loading without Ray."""
     cluster = ray_cluster
-    config_settings, process, log, lost = _lose_a_node_after_epoch_1(cluster, digits_shards, tmp_path, "two-nodes",
-                                                                     **{"checkpoint.keep": 1})  # fmt: skip
+    config_settings, process, log, lost = _lose_a_node_after_epoch_1(
+        cluster, digits_shards, tmp_path, "two-nodes",
+        **{"checkpoint.keep": 1, "mlflow.system_metrics": True, "mlflow.system_metrics_interval_s": 0.5})  # fmt: skip
     run_dir = tmp_path / "shared" / "runs" / "two-nodes"
     replacement = cluster.add_node()
     output = _wait(process, log, timeout_s=420)
@@ -173,6 +174,9 @@ def test_a_two_node_run_survives_losing_a_node_and_writes_only_to_storage_path(r
     assert 1 <= int(run.data.tags["vitpipe.resumed_from_epoch"]) < EPOCHS  # epoch 1's or a later (fast) one's
     for key in ("train/loss", "val/top1", "val/loss"):
         assert _steps(client, run.info.run_id, key) == list(range(1, EPOCHS + 1)), key  # each epoch logged once
+    # every node's system metrics, each under its own name: the lost node's until it died, its replacement's after
+    sampled = {key.split("/")[1] for key in run.data.metrics if key.startswith("system/")}
+    assert {node.split("/")[0] for node in first} | {replacement.ip} <= sampled, sampled
 
     # Checkpoints in storage_path only: the nodes' and the driver's working directories stay empty.
     for node in cluster.nodes:

@@ -5,9 +5,11 @@ Few and small: each run is a 2-block ViT on 16x16 images for 2-3 epochs, on the 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -69,7 +71,7 @@ def _top1_single_process(model, config) -> float:
 
 
 def test_two_worker_run_on_uneven_shards_tracks_checkpoints_and_loads_without_ray(ray_local, tiny_config):
-    config = tiny_config(checkpoint__keep=1)
+    config = tiny_config(checkpoint__keep=1, profile__steps=[3, 5], log_every=5)
     summary = train(config)
 
     assert summary["status"] == "finished" and summary["epochs_done"] == 2
@@ -85,11 +87,32 @@ def test_two_worker_run_on_uneven_shards_tracks_checkpoints_and_loads_without_ra
     for key in ("train/loss", "val/loss", "val/top1", "val/top5", "train/images_per_s", "train/data_wait_share"):
         assert _steps(client, run.info.run_id, key) == [1, 2], key
     assert 0.0 < run.data.metrics["train/data_wait_share"] < 1.0  # loader_workers 0: decoding is waited for
-    assert any(key.startswith("system/") for key in run.data.metrics)
+    # system metrics named by node: both ranks are on this one, whose first rank samples it
+    nodes = {key.split("/")[1] for key in run.data.metrics if key.startswith("system/")}
+    ip = ray.util.get_node_ip_address()
+    assert nodes == {ip} and f"system/{ip}/cpu_utilization_percentage" in run.data.metrics
+    # where a step's time goes, per logging window (every 5 steps; 21 per epoch) and per epoch
+    for key in ("train/step_time_s_step", "train/data_wait_s_step", "train/compute_s_step"):
+        assert _steps(client, run.info.run_id, key) == [5, 10, 15, 20, 25, 30, 35, 40], key
+    m = run.data.metrics
+    assert m["train/compute_s_step"] + m["train/data_wait_s_step"] == pytest.approx(m["train/step_time_s_step"])
+    assert m["train/compute_s"] > 0 and 0 < m["train/data_wait_s"] < m["train/data_wait_s"] + m["train/compute_s"]
+    # achieved TFLOP/s: the training form's MACs (logged as a param) x 2 x 3 x one worker's images/s
+    macs = int(run.data.params["model.macs_train"])
+    assert macs == int(run.data.params["model.macs"]) > 0  # a plain ViT: the same forward in both forms
+    assert m["train/tflops_per_worker"] == pytest.approx(macs * 6 * m["train/images_per_s"] / 2 / 1e12, rel=1e-9)
+    assert "train/mfu" not in m  # CPU: no bf16 peak to measure against
     loss = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)]
     assert loss[1] < loss[0] - 0.05, f"train loss did not fall: {loss}"
     artifacts = _artifacts(client, run.info.run_id)
     assert {"config.yaml", "curves.png", "checkpoints/best/state.pt", "checkpoints/best/meta.json"} <= artifacts
+    # profile.steps [3, 5]: each rank's trace of those three optimizer steps, and its operator table
+    assert {f"profile/rank{r}.{ext}" for r in (0, 1) for ext in ("trace.json", "txt")} <= artifacts
+    trace = json.loads(Path(client.download_artifacts(run.info.run_id, "profile/rank1.trace.json")).read_text())
+    spans = sorted(e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("ProfilerStep#"))
+    assert spans == ["ProfilerStep#3", "ProfilerStep#4", "ProfilerStep#5"], spans
+    assert any(e.get("name") == "aten::scaled_dot_product_attention" or "addmm" in e.get("name", "")
+               for e in trace["traceEvents"])  # fmt: skip
     (logged,) = client.search_logged_models([run.info.experiment_id])
     assert logged.source_run_id == run.info.run_id and run.data.tags[tracking.TAG_FINAL_MODEL] == "pt2"
 

@@ -115,30 +115,36 @@ def classification_loss(
     return F.cross_entropy(outputs, target, label_smoothing=label_smoothing)
 
 
-def model_facts(config: TrainConfig) -> dict[str, int | float]:
-    """Parameter count and MACs per image (fvcore convention, inference form), on the meta device if it can.
+def model_facts(config: TrainConfig, quiet: bool = False) -> dict[str, int | float]:
+    """Parameter count and MACs per image (fvcore convention): ``macs`` of the inference form (DVT: the whole
+    cascade, and ``macs_exitK`` to each exit), ``macs_train`` of the training form's forward (Castling's
+    softmax branch included, every DVT exit), on the meta device if it can.
 
     Building here also validates ``model.name`` and ``model.kwargs`` on the driver, before Ray starts.
     """
     from pipeline.models.counting import count_macs, count_params
 
-    device = torch.device("meta")
-    try:
-        with device:
-            model = build_model(config)
-    except NotImplementedError:  # an init that reads tensor data: build for real (seconds)
-        device = torch.device("cpu")
-        model = build_model(config)
+    def build() -> tuple[nn.Module, torch.device]:
+        try:
+            with torch.device("meta"):
+                return build_model(config), torch.device("meta")
+        except NotImplementedError:  # an init that reads tensor data: build for real (seconds)
+            return build_model(config), torch.device("cpu")
+
+    model, device = build()
     facts: dict[str, int | float] = {"params": count_params(model)}
-    to_inference_form(model).eval()
     example = torch.zeros(1, config.data.in_chans, config.data.img_size, config.data.img_size, device=device)
     try:
+        to_inference_form(model).eval()
         exit_macs = getattr(model, "exit_macs", None)
         if callable(exit_macs):  # DVT: cumulative cost of stopping at each exit; the last is the whole cascade
             for k, macs in enumerate(exit_macs(config.data.img_size)):
                 facts[f"macs_exit{k + 1}"] = facts["macs"] = macs
         else:
             facts["macs"] = count_macs(model, example)
+        # a fresh model (the inference form is one-way); 2 images, as batch norm trains on no fewer
+        facts["macs_train"] = count_macs(build()[0].train(), example.expand(2, -1, -1, -1)) // 2
     except Exception as err:  # noqa: BLE001 - a model that cannot be counted still trains; say so
-        print(f"[vitpipe] note: MACs not counted ({type(err).__name__}: {err})")
+        if not quiet:
+            print(f"[vitpipe] note: MACs not counted ({type(err).__name__}: {err})")
     return facts

@@ -179,9 +179,26 @@ class DVTConfig:
 
 
 @dataclass
+class DistillConfig:
+    # Knowledge distillation (pipeline.train.distill): a checkpoint path, models:/NAME@ALIAS, or timm:NAME
+    teacher: str | None = None
+    teacher_file: str | None = None  # timm:NAME: a weights file whose classifier has this run's classes
+    kind: Literal["soft", "hard"] = "soft"  # soft: KL at `temperature`; hard: the teacher's argmax (DeiT)
+    weight: float = 0.5  # loss = (1 - weight) * classification + weight * distillation
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_range("method.distill.weight", self.weight, 0.0, 1.0)
+        _check_positive("method.distill.temperature", self.temperature)
+        if self.teacher_file is not None and not (self.teacher or "").startswith("timm:"):
+            raise ConfigError("method.distill.teacher_file: only read with method.distill.teacher: timm:NAME")
+
+
+@dataclass
 class MethodConfig:
     castling: CastlingConfig = field(default_factory=CastlingConfig)
     dvt: DVTConfig = field(default_factory=DVTConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 @dataclass
@@ -226,6 +243,19 @@ class CheckpointConfig:
 
 
 @dataclass
+class ProfileConfig:
+    # [start, end]: a torch.profiler trace of optimizer steps start..end (1-based, inclusive) on every rank,
+    # logged to the MLflow run under profile/ (pipeline.train.telemetry). None: no profiling.
+    steps: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps is not None:
+            if len(self.steps) != 2 or not 1 <= self.steps[0] <= self.steps[1]:
+                raise ConfigError(f"profile.steps must be [start, end] with 1 <= start <= end, got {self.steps}")
+            self.steps = [int(v) for v in self.steps]
+
+
+@dataclass
 class MlflowConfig:
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<absolute cwd>/mlflow.db
     experiment: str = "vitpipe"
@@ -265,6 +295,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     log_every: int = 20  # steps between progress lines (and the cross-rank non-finite loss check)
 
     def __post_init__(self) -> None:
@@ -610,6 +641,9 @@ def resolve_config(config: TrainConfig, *, base_dir: str | os.PathLike | None = 
     for name in ("init_from", "pretrained_file"):  # timm:NAME and models:/... are URIs: left as they are
         if getattr(config.model, name) is not None:
             data["model"][name] = _absolute(getattr(config.model, name), base)
+    for name in ("teacher", "teacher_file"):
+        if getattr(config.method.distill, name) is not None:
+            data["method"]["distill"][name] = _absolute(getattr(config.method.distill, name), base)
     resolved = TrainConfig.from_dict(data)
     if check_data:
         check_data_sources(resolved)

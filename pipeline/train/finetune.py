@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from pipeline.train.config import ConfigError, TrainConfig
 
-__all__ = ["InitialWeights", "fit_weights", "initial_weights"]
+__all__ = ["InitialWeights", "TrainedWeights", "fit_weights", "initial_weights", "read_weights", "timm_model"]
 
 
 @dataclass
@@ -41,61 +41,82 @@ class InitialWeights:
 
 
 # --------------------------------------------------------------------------------------------------
-# Reading the source.
+# Reading the source (also the distillation teacher's, pipeline.train.distill).
 
 
-def _registered(uri: str, tracking_uri: str) -> tuple[str, dict[str, Tensor]]:
-    """``models:/NAME@ALIAS`` -> (``models:/NAME/VERSION``, its training weights)."""
+@dataclass
+class TrainedWeights:
+    source: str  # a path, models:/NAME/VERSION (an alias resolved), or timm:NAME (file)
+    state_dict: dict[str, Tensor]  # the training form's weights (EMA's where the run was scored on them)
+    config: dict | None  # the TrainConfig it was trained with (None for timm's weights)
+
+
+def _registered(uri: str, tracking_uri: str, where: str) -> TrainedWeights:
+    """``models:/NAME@ALIAS`` (resolved to ``models:/NAME/VERSION``), ``models:/NAME/VERSION`` or ``runs:/``."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     from pipeline.registry import RegistryError, load
 
     name, sep, alias = uri[len("models:/"):].partition("@")
-    if sep:
+    if uri.startswith("models:/") and sep:
         try:
             version = MlflowClient(tracking_uri, registry_uri=tracking_uri).get_model_version_by_alias(name, alias)
         except MlflowException as err:
-            raise ConfigError(f"model.init_from: {uri} is not in {tracking_uri} ({err.message})") from None
+            raise ConfigError(f"{where}: {uri} is not in {tracking_uri} ({err.message})") from None
         uri = f"models:/{name}/{version.version}"
     try:
         loaded = load(uri, tracking_uri=tracking_uri, inference=False)
     except RegistryError as err:
-        raise ConfigError(f"model.init_from: {err}") from None
-    return uri, loaded.model.state_dict()
+        raise ConfigError(f"{where}: {err}") from None
+    return TrainedWeights(uri, loaded.model.state_dict(), loaded.config.to_dict())
 
 
-def _checkpoint(path: str) -> dict[str, Tensor]:
+def _checkpoint(path: str, where: str) -> TrainedWeights:
     from pipeline.train.checkpoint import CheckpointError, load_checkpoint
 
     try:
         state = load_checkpoint(path)
     except (FileNotFoundError, CheckpointError) as err:
-        raise ConfigError(f"model.init_from: {err}") from None
+        raise ConfigError(f"{where}: {err}") from None
     use_ema = state["config"].get("checkpoint", {}).get("metric", "").startswith("val_ema/")
-    return state["ema"] if use_ema and state.get("ema") is not None else state["model"]
+    weights = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
+    return TrainedWeights(os.path.abspath(path), weights, state["config"])
 
 
-def _timm(name: str, pretrained_file: str | None, in_chans: int) -> dict[str, Tensor]:
-    """timm's pretrained weights of ``name``; its loader adapts the first conv to ``in_chans`` (timm's
-    ``adapt_input_conv``: summed for greyscale)."""
+def timm_model(name: str, pretrained_file: str | None, where: str, **kwargs) -> nn.Module:
+    """``timm.create_model(name, pretrained=True, **kwargs)``, from ``pretrained_file`` when given; timm's
+    loader adapts the first conv to ``in_chans`` (``adapt_input_conv``: summed for greyscale)."""
     import timm
 
     import pipeline.models  # noqa: F401  (the project's models are timm models too)
 
     if not timm.is_model(name):
-        raise ConfigError(f"model.init_from: timm has no model {name!r}")
+        raise ConfigError(f"{where}: timm has no model {name!r}")
     overlay = {}
     if pretrained_file is not None:
         if not Path(pretrained_file).is_file():
-            raise ConfigError(f"model.pretrained_file: no file at {pretrained_file}")
+            raise ConfigError(f"{where}: no weights file at {pretrained_file}")
         overlay = {"file": str(Path(pretrained_file).resolve())}
+        if "num_classes" in kwargs:  # the file's own head: timm would otherwise drop a head of another count
+            overlay["num_classes"] = kwargs["num_classes"]
     try:
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, in_chans=in_chans).state_dict()
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except Exception as err:  # noqa: BLE001 - no network, no hub entry, a file of another model: say which
-        hint = "" if pretrained_file else " (offline? download the weights once and set model.pretrained_file)"
-        raise ConfigError(f"model.init_from: timm:{name}: pretrained weights not loaded{hint}: "
+        hint = "" if pretrained_file else " (offline? download the weights once and point to the file)"
+        raise ConfigError(f"{where}: timm:{name}: pretrained weights not loaded{hint}: "
                           f"{type(err).__name__}: {str(err).splitlines()[0][:300]}") from None  # fmt: skip
+
+
+def read_weights(spec: str, *, where: str, tracking_uri: str, in_chans: int,
+                 pretrained_file: str | None = None) -> TrainedWeights:  # fmt: skip
+    """The weights ``spec`` names (a checkpoint path, ``models:/...``, ``runs:/...`` or ``timm:NAME``)."""
+    if spec.startswith("timm:"):
+        model = timm_model(spec[5:], pretrained_file, where, in_chans=in_chans)
+        return TrainedWeights(f"{spec}" + (f" ({pretrained_file})" if pretrained_file else ""), model.state_dict(), None)
+    if spec.startswith(("models:/", "runs:/")):
+        return _registered(spec, tracking_uri, where)
+    return _checkpoint(spec, where)
 
 
 def initial_weights(config: TrainConfig, model: nn.Module | None = None) -> InitialWeights | None:
@@ -103,13 +124,9 @@ def initial_weights(config: TrainConfig, model: nn.Module | None = None) -> Init
     spec = config.model.init_from
     if spec is None:
         return None
-    if spec.startswith("timm:"):
-        source = f"timm:{spec[5:]}" + (f" ({config.model.pretrained_file})" if config.model.pretrained_file else "")
-        weights = _timm(spec[5:], config.model.pretrained_file, config.data.in_chans)
-    elif spec.startswith(("models:/", "runs:/")):
-        source, weights = _registered(spec, config.mlflow.tracking_uri)
-    else:
-        source, weights = os.path.abspath(spec), _checkpoint(spec)
+    trained = read_weights(spec, where="model.init_from", tracking_uri=config.mlflow.tracking_uri,
+                           in_chans=config.data.in_chans, pretrained_file=config.model.pretrained_file)  # fmt: skip
+    source, weights = trained.source, trained.state_dict
     if model is None:
         from pipeline.train.build import build_model
 

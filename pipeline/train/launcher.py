@@ -26,6 +26,7 @@ import yaml
 from pipeline.train.config import ConfigError, TrainConfig, flatten, load_config, resolve_config
 
 if TYPE_CHECKING:
+    from pipeline.train.distill import Teacher
     from pipeline.train.finetune import InitialWeights
 
 __all__ = ["NonFiniteLossError", "TrainingError", "add_arguments", "build_trainer", "ensure_ray", "main", "prepare",
@@ -92,13 +93,17 @@ WORKER_GROUP_START_RETRIES = 2
 
 
 def build_trainer(config: TrainConfig, *, mlflow_run_id: str | None, callbacks: list | None = None,
-                  initial: InitialWeights | None = None):  # fmt: skip
+                  initial: InitialWeights | None = None, teacher: Teacher | None = None):  # fmt: skip
     """The ``TorchTrainer`` of a resolved config (Ray must be initialised). Tune trials build theirs here too.
 
-    ``initial``: the weights ``model.init_from`` names, fitted on the driver; they travel to the workers
-    through Ray's object store (a worker on another node need not see the driver's files or registry).
+    ``initial``: the weights ``model.init_from`` names, fitted on the driver; ``teacher``: the distillation
+    teacher. Both travel to the workers through Ray's object store (a worker on another node need not see
+    the driver's files or registry).
     """
     import ray
+
+    def to_workers(value):
+        return value if value is None or not ray.is_initialized() else ray.put(value)
 
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -115,9 +120,9 @@ def build_trainer(config: TrainConfig, *, mlflow_run_id: str | None, callbacks: 
         resources["GPU"] = 1
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.to_dict(), "mlflow_run_id": mlflow_run_id, "initial_weights":
-                           None if initial is None else ray.put(initial.state_dict) if ray.is_initialized()
-                           else initial.state_dict},  # fmt: skip
+        train_loop_config={"config": config.to_dict(), "mlflow_run_id": mlflow_run_id,
+                           "initial_weights": to_workers(None if initial is None else initial.state_dict),
+                           "teacher": to_workers(teacher)},  # fmt: skip
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=resources),  # fmt: skip
         run_config=RunConfig(
@@ -210,6 +215,7 @@ def train(config: TrainConfig, *, new: bool = False, address: str | None = None)
 
         initial = initial_weights(config)
         print(f"[vitpipe] starting from {initial.source}" + "".join(f"\n[vitpipe]   {n}" for n in initial.notes))
+    teacher = _teacher(config)
     tracking_uri = config.mlflow.tracking_uri
     if resume is not None:
         run_id = resume.get("mlflow_run_id")
@@ -223,7 +229,7 @@ def train(config: TrainConfig, *, new: bool = False, address: str | None = None)
         tracking_uri, config.mlflow.experiment, config.run_name,
         params={**flatten(config.to_dict()), **{f"model.{k}": v for k, v in facts.items()}},
         tags={**tracking.run_tags(), tracking.TAG_RUN_DIR: config.run_dir, "vitpipe.model": config.model.name,
-              **(initial.tags() if initial else {})},
+              **(initial.tags() if initial else {}), **(teacher.tags() if teacher else {})},
         artifacts={"config.yaml": yaml.safe_dump(config.to_dict(), sort_keys=False)},
         resume_run_id=None if resume is None else resume.get("mlflow_run_id"), outage_wait_s=config.mlflow.outage_wait_s,
     )  # fmt: skip
@@ -234,7 +240,7 @@ def train(config: TrainConfig, *, new: bool = False, address: str | None = None)
         ensure_ray(config, address)
     from ray.train import TrainingFailedError
 
-    trainer = build_trainer(config, mlflow_run_id=run_id, initial=initial)
+    trainer = build_trainer(config, mlflow_run_id=run_id, initial=initial, teacher=teacher)
     scaling = config.scaling
     if scaling.num_workers > 0:
         print(f"[vitpipe] starting {scaling.num_workers} Ray Train worker(s), {scaling.cpus_per_worker:g} CPU"
@@ -262,6 +268,18 @@ def train(config: TrainConfig, *, new: bool = False, address: str | None = None)
           + (f"\n[vitpipe] best checkpoint: {summary['best_checkpoint']}" if summary.get("best_checkpoint") else "")
           + f"\n[vitpipe] MLflow: run {run_id} in {tracking_uri}")  # fmt: skip
     return summary
+
+
+def _teacher(config: TrainConfig) -> Teacher | None:
+    """``method.distill``'s teacher, read on the driver (None without one)."""
+    from pipeline.train.distill import resolve_teacher
+
+    teacher = resolve_teacher(config)
+    if teacher is not None:
+        d = config.method.distill
+        print(f"[vitpipe] distilling from {teacher.source} ({d.kind}, weight {d.weight:g}"
+              + (f", temperature {d.temperature:g}" if d.kind == "soft" else "") + ")")  # fmt: skip
+    return teacher
 
 
 def _alive_nodes() -> dict[str, str]:

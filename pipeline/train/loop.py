@@ -124,6 +124,11 @@ class State:
     rng: Any = None  # every rank's RNG states when it was saved
     eval_model: nn.Module | None = None  # the evaluation forward (compiled with `compile`); None: model
     eval_ema: nn.Module | None = None  # the same for the EMA weights; None: ema.module
+    teacher: nn.Module | None = None  # method.distill's, frozen, in eval mode
+    teacher_img_size: int = 0
+    profiler: StepProfiler | None = None  # profile.steps
+    train_macs: int | None = None  # per image, the training form's forward (for achieved TFLOP/s and MFU)
+    peak_tflops: float | None = None  # the device's dense bf16 peak, when known (MFU)
 
     def evaluated(self, ema: bool = False) -> nn.Module:
         """The module that evaluation calls for the model or its EMA."""
@@ -304,23 +309,32 @@ def _mixup(config: TrainConfig):
     )  # fmt: skip
 
 
-def _train_loss(outputs: Tensor | list[Tensor], target: Tensor, valid: Tensor | None, config: TrainConfig) -> Tensor:
-    """The classification loss (DVT: over every exit); rows with ``valid`` False add nothing.
+def _train_loss(outputs: Tensor | list[Tensor], target: Tensor, valid: Tensor | None, config: TrainConfig,
+                teacher: Tensor | None = None) -> Tensor:  # fmt: skip
+    """The classification loss (DVT: over every exit), mixed with distillation from ``teacher``'s logits
+    when given; rows with ``valid`` False add nothing.
 
     The batch keeps its shape (every rank runs the same forward), so dropped rows are masked out of
     the loss rather than out of the batch.
     """
-    def loss_of(out, tgt):
-        return classification_loss(out, tgt, label_smoothing=config.optim.label_smoothing,
+    def loss_of(out, tgt, teacher):
+        loss = classification_loss(out, tgt, label_smoothing=config.optim.label_smoothing,
                                    exit_weights=config.method.dvt.exit_weights)  # fmt: skip
+        if teacher is None:
+            return loss
+        from pipeline.train.distill import distillation_loss
+
+        d = config.method.distill
+        return (1 - d.weight) * loss + d.weight * distillation_loss(out, teacher, d.kind, d.temperature)
 
     if valid is None or bool(valid.all()):
-        return loss_of(outputs, target)
+        return loss_of(outputs, target, teacher)
     exits = outputs if isinstance(outputs, (list, tuple)) else [outputs]
     if not valid.any():  # keep the graph (DDP waits for every parameter's gradient), add nothing
         return sum(o.sum() for o in exits) * 0.0
     kept = [o[valid] for o in exits]
-    return loss_of(kept if isinstance(outputs, (list, tuple)) else kept[0], target[valid])
+    return loss_of(kept if isinstance(outputs, (list, tuple)) else kept[0], target[valid],
+                   None if teacher is None else teacher[valid])  # fmt: skip
 
 
 def train_one_epoch(
@@ -336,6 +350,8 @@ def train_one_epoch(
     continues the epoch there, from the running sums of ``state.epoch_sums``.
     """
     from timm.utils import dispatch_clip_grad
+
+    from pipeline.train.distill import teacher_logits
 
     opt = config.optim
     state.ddp.train()
@@ -356,10 +372,11 @@ def train_one_epoch(
     every = config.checkpoint.every_steps
     start = window_start = time.perf_counter()
     cpu_start = time.process_time()
-    window_updates = 0
+    window_updates = window_images = 0
     memory_format = _memory_format(config, d.device)
 
     waited = [0.0]
+    window_waited = 0.0
     if d.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(d.device)
     state.optimizer.zero_grad(set_to_none=True)
@@ -367,6 +384,8 @@ def train_one_epoch(
         group_start = i - i % opt.accum_steps
         group_size = min(opt.accum_steps, steps - group_start)
         last_of_group = i == group_start + group_size - 1
+        if state.profiler is not None and i == group_start:
+            state.profiler.before_step(state.global_step + 1)
         images = images.to(d.device, non_blocking=True, memory_format=memory_format)
         labels = labels.to(d.device, non_blocking=True)
         # Train batches hold label -1 only for corrupt samples skipped by the reader (skip_corrupt).
@@ -379,7 +398,8 @@ def train_one_epoch(
             gates.before_step()
         with contextlib.nullcontext() if sync else state.ddp.no_sync():
             with _autocast(config, d.device):
-                loss = _train_loss(state.ddp(images), target, valid, config)
+                taught = None if state.teacher is None else teacher_logits(state.teacher, images, state.teacher_img_size)
+                loss = _train_loss(state.ddp(images), target, valid, config, taught)
                 if regularise:
                     loss = loss + gates.penalty()
             state.scaler.scale(loss / group_size).backward()
@@ -402,6 +422,9 @@ def train_one_epoch(
         state.scheduler.step_update(state.global_step)
         if state.ema is not None:
             state.ema.update(state.model, step=state.global_step)
+        if state.profiler is not None and state.profiler.after_step(state.global_step) is not None and d.rank == 0:
+            _progress(f"profiled optimizer steps {state.profiler.first_step}-{state.global_step}: the trace of each "
+                      "rank is in the MLflow run's artifacts, profile/")  # fmt: skip
 
         if every and state.global_step % every == 0 and i != steps - 1:  # on every rank: sums and RNG are collectives
             so_far = epoch_loss + d.sum(window_loss)  # the window itself goes on to its progress line
@@ -419,10 +442,14 @@ def train_one_epoch(
             if not math.isfinite(mean_loss):
                 return EpochResult(mean_loss, images_seen * d.world_size, now - start, step_times,
                                    time.process_time() - cpu_start, 0.0, non_finite=True)  # fmt: skip
-            step_times.append((now - window_start) / window_updates)
+            window_s = now - window_start
+            data_wait = (waited[0] - window_waited) / window_updates
+            step_times.append(window_s / window_updates)
+            timings = _step_timings(state, d, window_s / window_updates, data_wait,
+                                    (images_seen - window_images) / window_s)  # fmt: skip
             epoch_loss += summed
             window_loss.zero_()
-            window_start, window_updates = now, 0
+            window_start, window_updates, window_waited, window_images = now, 0, waited[0], images_seen
             if d.rank == 0 and i != steps - 1:  # the epoch's own line follows its last step
                 left = total_updates - state.global_step
                 rate = images_seen * d.world_size / (now - start)
@@ -432,7 +459,7 @@ def train_one_epoch(
                     f"loss {mean_loss:.4f} lr {lr:.2e} {rate:.0f} img/s eta {_format_eta(left * float(np.mean(step_times)))}"
                 )
                 if logger is not None:
-                    logger.metrics({"train/loss_step": mean_loss, "train/lr_step": lr}, step=state.global_step)
+                    logger.metrics({"train/loss_step": mean_loss, "train/lr_step": lr, **timings}, step=state.global_step)
                 if epoch_metrics is not None:
                     epoch_metrics.log_committed(wait_s=0.05)
     seconds = time.perf_counter() - start
@@ -440,6 +467,29 @@ def train_one_epoch(
     loss = epoch_loss[0].item() / max(epoch_loss[1].item(), 1)
     return EpochResult(loss, images_seen * d.world_size, seconds, step_times, time.process_time() - cpu_start, skipped,
                        mask_density=None if gates is None else gates.epoch_densities(), data_wait_s=waited[0])  # fmt: skip
+
+
+def _step_timings(state: State, d: Dist, step_s: float, data_wait_s: float, images_per_s: float) -> dict[str, float]:
+    """A logging window's per-step figures on this rank (rank 0's go to MLflow, at the window's last step)."""
+    timings = {"train/step_time_s_step": step_s, "train/data_wait_s_step": data_wait_s,
+               "train/compute_s_step": step_s - data_wait_s, **_throughput(state, images_per_s, "_step")}  # fmt: skip
+    if d.device.type == "cuda":
+        timings["train/peak_memory_gib_step"] = torch.cuda.max_memory_allocated(d.device) / 2**30
+    return timings
+
+
+def _throughput(state: State, images_per_s: float, suffix: str = "") -> dict[str, float]:
+    """This worker's achieved TFLOP/s (training-form MACs per image x 2 x 3 x its images/s) and, where the
+    device's bf16 peak is known, MFU."""
+    from pipeline.train.telemetry import TRAINING_FLOPS_PER_MAC
+
+    if not state.train_macs:
+        return {}
+    tflops = state.train_macs * TRAINING_FLOPS_PER_MAC * images_per_s / 1e12
+    figures = {f"train/tflops_per_worker{suffix}": tflops}
+    if state.peak_tflops:
+        figures[f"train/mfu{suffix}"] = tflops / state.peak_tflops
+    return figures
 
 
 class _CastlingGates:
@@ -587,12 +637,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
 
     nodes = _worker_nodes(d)
-    initial = loop_config.get("initial_weights")
-    if initial is not None and not isinstance(initial, dict):  # an object ref: from the driver, through Ray
-        import ray
+    state = _setup(config, d, _from_driver(loop_config.get("initial_weights")))
+    teacher = _from_driver(loop_config.get("teacher"))
+    if teacher is not None:
+        from pipeline.train.distill import build_teacher
 
-        initial = ray.get(initial)
-    state = _setup(config, d, initial)
+        state.teacher, state.teacher_img_size = build_teacher(teacher, device), teacher.img_size
+    if d.rank == 0:
+        state.train_macs, state.peak_tflops = _compute_budget(config, device)
+    if config.profile.steps is not None:
+        from pipeline.train.telemetry import StepProfiler
+
+        state.profiler = StepProfiler(tuple(config.profile.steps), d.rank, device, config.mlflow.tracking_uri, run_id)
     train_loader = _loader(config, d, "train", train=True)
     val_loader = _loader(config, d, "val", train=False)
     state.updates_per_epoch = math.ceil(len(train_loader) / config.optim.accum_steps)
@@ -625,10 +681,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     if d.rank == 0 and run_id is not None:
         from pipeline.tracking import RunLogger
 
-        logger = RunLogger(config.mlflow.tracking_uri, run_id, system_metrics=config.mlflow.system_metrics,
-                           system_metrics_interval_s=config.mlflow.system_metrics_interval_s,
-                           outage_wait_s=config.mlflow.outage_wait_s)  # fmt: skip
-    with logger if logger is not None else contextlib.nullcontext():
+        logger = RunLogger(config.mlflow.tracking_uri, run_id, outage_wait_s=config.mlflow.outage_wait_s)
+    system = contextlib.nullcontext()
+    if config.mlflow.system_metrics and run_id is not None:  # each node's, named by node, from its first rank
+        from pipeline.train.telemetry import NodeSystemMetrics
+
+        system = NodeSystemMetrics(config.mlflow.tracking_uri, run_id, nodes[d.rank].split("/")[0],
+                                   first_on_node=context.get_local_rank() == 0,
+                                   interval_s=config.mlflow.system_metrics_interval_s)  # fmt: skip
+    with logger if logger is not None else contextlib.nullcontext(), system:
         placement = ", ".join(f"rank {rank} {node}" for rank, node in enumerate(nodes))
         if logger is not None:
             logger.tags({"vitpipe.worker_nodes": placement})
@@ -648,6 +709,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         epoch_metrics = _EpochMetrics(logger)
         result = _train_epochs(state, config, d, train_loader, val_loader, logger, castling, step_checkpoints,
                                epoch_metrics)  # fmt: skip
+        if state.profiler is not None and state.profiler.close() is not None and d.rank == 0:
+            _progress(f"the run ended inside profile.steps: profiled optimizer steps {state.profiler.first_step}-"
+                      f"{state.global_step} (the MLflow run's artifacts, profile/)")  # fmt: skip
         if d.rank == 0:
             epoch_metrics.log_committed(wait_s=None)
         result["worker_nodes"] = nodes
@@ -662,6 +726,29 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         if logger is not None:
             logger.finish("FINISHED", "finished")
     return result
+
+
+def _compute_budget(config: TrainConfig, device: torch.device) -> tuple[int | None, float | None]:
+    """(training-form MACs per image, the device's dense bf16 peak TFLOP/s or None) for TFLOP/s and MFU.
+
+    The peak is only used under bf16/fp16 autocast on a GPU whose name is in the table; fp32 has no MFU.
+    """
+    from pipeline.train.build import model_facts
+    from pipeline.train.telemetry import peak_bf16_tflops
+
+    macs = model_facts(config, quiet=True).get("macs_train")
+    peak = None
+    if device.type == "cuda" and config.effective_precision != "fp32":
+        match = peak_bf16_tflops(torch.cuda.get_device_name(device))
+        peak = match[1] if match else None
+    return macs, peak
+
+
+def _from_driver(value: Any) -> Any:
+    """A value the driver sent through Ray's object store (a ref), or as it is (local mode, no Ray)."""
+    import ray
+
+    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
 
 
 def _worker_nodes(d: Dist) -> list[str]:
@@ -766,7 +853,9 @@ def _train_epochs(state: State, config: TrainConfig, d: Dist, train_loader, val_
             # Rank 0's wait for its loader: the share of the epoch the data plane cost (0: it kept up).
             "train/data_wait_s": epoch_result.data_wait_s / max(state.updates_per_epoch, 1),
             "train/data_wait_share": epoch_result.data_wait_s / epoch_result.seconds,
+            **_throughput(state, epoch_result.images / d.world_size / epoch_result.seconds),
         }
+        metrics["train/compute_s"] = epoch_result.seconds / max(state.updates_per_epoch, 1) - metrics["train/data_wait_s"]
         if d.device.type == "cuda":
             metrics["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(d.device) / 2**30
         if config.data.skip_corrupt:

@@ -150,6 +150,7 @@ def run_trial(values: dict[str, Any], setup: TrialSetup) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipeline import tracking
+    from pipeline.train.distill import resolve_teacher
     from pipeline.train.finetune import initial_weights
     from pipeline.train.launcher import build_trainer, check_model_and_optimisation
 
@@ -158,8 +159,11 @@ def run_trial(values: dict[str, Any], setup: TrialSetup) -> None:
     changes_model = any(key.startswith(("model.", "data.")) for key in values)
     facts = check_model_and_optimisation(config) if changes_model or not setup.facts else setup.facts
     initial = initial_weights(config)  # model.init_from, fitted to this trial's model (None: from scratch)
-    run_id = _open_trial_run(config, setup, trial_id, facts, initial.tags() if initial else {})
-    trainer = build_trainer(config, mlflow_run_id=run_id, callbacks=[TuneReportCallback()], initial=initial)
+    teacher = resolve_teacher(config)  # method.distill's (None: no distillation)
+    tags = {**(initial.tags() if initial else {}), **(teacher.tags() if teacher else {})}
+    run_id = _open_trial_run(config, setup, trial_id, facts, tags)
+    trainer = build_trainer(config, mlflow_run_id=run_id, callbacks=[TuneReportCallback()], initial=initial,
+                            teacher=teacher)  # fmt: skip
     try:
         trainer.fit()
     except TrainingFailedError as err:
@@ -454,6 +458,13 @@ def run_sweep(
         print(f"[vitpipe] trials start from {initial.source}" + "".join(f"; {n}" for n in initial.notes))
         if initial.source.startswith("models:/"):
             base.model.init_from = initial.source
+    if base.method.distill.teacher is not None:
+        from pipeline.train.distill import resolve_teacher
+
+        teacher = resolve_teacher(base)
+        print(f"[vitpipe] trials distil from {teacher.source}")
+        if teacher.source.startswith("models:/"):
+            base.method.distill.teacher = teacher.source
     name = name or f"{config.run_name}-{Path(space.source).stem}"
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise ConfigError(f"sweep name must be letters, digits, '_', '-', '.', got {name!r}")
