@@ -108,7 +108,8 @@ def _add_tune_commands(sub: argparse._SubParsersAction) -> None:
     actions = registry.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
     promote = actions.add_parser("promote", help="register a run's best checkpoint (a sweep's: its best trial's) "
                                  "and point the alias at it; promoting twice creates no second version")  # fmt: skip
-    promote.add_argument("run_id", help="an MLflow run: a training run, a trial, or a sweep's parent run")
+    promote.add_argument("run_id", metavar="RUN", help="an MLflow run ID or run name (the newest run of that name): "
+                                                       "a training run, a trial, or a sweep's parent run")
     promote.add_argument("--name", help="registered model name (default: the run's model.name)")
     promote.add_argument("--alias", default="champion")
     promote.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db")

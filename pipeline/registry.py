@@ -290,8 +290,19 @@ def _promote(checkpoint: Path, location: str, *, tracking_uri: str, name: str | 
                      run_id=run_id, metric=metric, value=value)  # fmt: skip
 
 
+def _newest_run_named(client, name: str):
+    """The newest MLflow run whose name is ``name`` (a training run's is its ``run_name``), in any experiment."""
+    if "'" in name:
+        return None
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, filter_string=f"attributes.run_name = '{name}'",
+                              order_by=["attributes.start_time DESC"], max_results=1) if experiments else []  # fmt: skip
+    return runs[0] if runs else None
+
+
 def promote_run(run_id: str, *, tracking_uri: str, name: str | None = None, alias: str = CHAMPION) -> Promotion:
-    """``vitpipe registry promote RUN_ID``: register the best checkpoint of an MLflow run.
+    """``vitpipe registry promote RUN``: register the best checkpoint of an MLflow run (``run_id``: its ID, or
+    its name, which picks the newest run of that name).
 
     A sweep's parent run: its best trial (by the sweep's metric, over each child's logged history).
     A training or trial run: the best checkpoint in its run directory (tag ``vitpipe.run_dir``) by its
@@ -304,7 +315,10 @@ def promote_run(run_id: str, *, tracking_uri: str, name: str | None = None, alia
     try:
         run = client.get_run(run_id)
     except MlflowException as err:
-        raise RegistryError(f"run {run_id} is not in {tracking_uri} ({err.message})") from None
+        run = _newest_run_named(client, run_id)
+        if run is None:
+            raise RegistryError(f"run {run_id} is not in {tracking_uri}, as a run ID or a run name "
+                                f"({err.message})") from None  # fmt: skip
     tags: dict[str, str] = {}
     if run.data.tags.get("vitpipe.role") == "sweep":
         metric, mode = run.data.tags["vitpipe.metric"], run.data.tags["vitpipe.mode"]
