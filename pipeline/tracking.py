@@ -6,7 +6,7 @@ Two halves, so that exactly one process writes at a time:
   model size, tags: git commit, versions) or reopens the one a checkpoint names; :func:`close_run`
   marks it when the whole run failed;
 - rank 0 of the workers, while training: :class:`RunLogger` logs metrics, artifacts, figures and the
-  final model into that run, with system metrics sampled alongside.
+  final model into that run (each node's system metrics: :class:`pipeline.train.telemetry.NodeSystemMetrics`).
 
 The tracking URI is always explicit (an absolute ``sqlite:///`` path or a server URL): Ray workers run in
 another working directory, where MLflow's relative default would open a different store.
@@ -38,7 +38,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 __all__ = ["RunLogger", "TrackingUnavailableError", "close_run", "experiment_id", "model_logging", "open_run",
-           "retrying", "run_status", "run_tags"]
+           "retrying", "run_status", "run_tags", "short_http_retries"]
 
 TAG_STATUS = "vitpipe.status"  # running | finished | non_finite_loss | failed
 TAG_RUN_DIR = "vitpipe.run_dir"
@@ -94,7 +94,7 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(err).__name__
 
 
-def _short_http_retries() -> None:
+def short_http_retries() -> None:
     """MLflow's own HTTP retries (7, with backoff up to minutes) would hide an outage inside one call; ours
     (:func:`retrying`, the sender thread) wait it out instead. A user's own setting is kept."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -104,7 +104,7 @@ class _PatientClient:
     """An ``MlflowClient`` whose every call waits out an outage (:func:`retrying`)."""
 
     def __init__(self, uri: str, wait_s: float):
-        _short_http_retries()
+        short_http_retries()
         self._client, self._uri, self._wait_s = MlflowClient(uri), uri, wait_s
 
     def __getattr__(self, name: str):
@@ -261,12 +261,9 @@ class RunLogger:
     exception the run is marked FAILED; a restarted worker group reopens it (status RUNNING).
     """
 
-    def __init__(self, tracking_uri: str, run_id: str, *, system_metrics: bool = True,
-                 system_metrics_interval_s: float = 10.0, outage_wait_s: float = OUTAGE_WAIT_S):  # fmt: skip
+    def __init__(self, tracking_uri: str, run_id: str, *, outage_wait_s: float = OUTAGE_WAIT_S):
         self.tracking_uri = tracking_uri
         self.run_id = run_id
-        self.system_metrics = system_metrics
-        self.system_metrics_interval_s = system_metrics_interval_s
         self.outage_wait_s = outage_wait_s
         self.client = _PatientClient(tracking_uri, outage_wait_s)  # (sets MLflow's own retries short)
         self._queue: queue.Queue = queue.Queue()  # (metrics, tags) batches; None stops the sender
@@ -277,11 +274,8 @@ class RunLogger:
 
     def __enter__(self) -> RunLogger:
         mlflow.set_tracking_uri(self.tracking_uri)
-        if self.system_metrics:
-            mlflow.set_system_metrics_sampling_interval(self.system_metrics_interval_s)
-        # RUNNING again on a restart
-        self._call(lambda: mlflow.start_run(run_id=self.run_id, log_system_metrics=self.system_metrics),
-                   "reopening the run")  # fmt: skip
+        # RUNNING again on a restart; system metrics are each node's (pipeline.train.telemetry), not rank 0's
+        self._call(lambda: mlflow.start_run(run_id=self.run_id, log_system_metrics=False), "reopening the run")
         self._sender.start()
         self.tags({TAG_STATUS: "running"})
         return self

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 from mlflow.tracking import MlflowClient
 
 from pipeline import tracking
@@ -54,20 +55,24 @@ def test_a_resume_while_mlflow_is_down_waits_and_fails_instead_of_forking_a_run(
 @pytest.mark.timeout(600)
 def test_a_run_goes_on_while_its_mlflow_server_restarts_and_logs_every_epoch_once(ray_local, tiny_config, tmp_path):
     """The server (the head node's, as cluster.yaml runs it) is stopped once epoch 1 is reported and started
-    again after epoch 3: epochs 2 and 3 train while it is down, their metrics arrive once it is back."""
+    again after epoch 3: epochs 2 and 3 train while it is down, their metrics arrive once it is back; the
+    node's system metrics, sampled all along, reach it too, on one line of steps."""
     port = _free_port()
     state_dir, db = tmp_path / "server", tmp_path / "server" / "mlflow.db"
     serve = dict(db=db, artifacts=str(tmp_path / "artifacts"), port=port, private_address="127.0.0.2",
                  state_dir=state_dir, workers=1)  # fmt: skip
     start_mlflow_server(**serve)
     config = tiny_config(run_name="outage", optim__epochs=6, mlflow__tracking_uri=f"http://127.0.0.1:{port}",
-                         mlflow__system_metrics=False, mlflow__log_model=False)  # fmt: skip
+                         mlflow__system_metrics_interval_s=0.5, mlflow__log_model=False)  # fmt: skip
     run_dir = Path(config.run_dir)
     timeline: dict[str, bool] = {}
+    down_at = 0.0
 
     def outage():
+        nonlocal down_at
         if _wait_for(run_dir / checkpoint_dir_name(1), 240):
             timeline["stopped"] = stop_mlflow_server(state_dir)
+            down_at = time.time()
             # Training does not wait for MLflow: two more epochs end while the server is down.
             timeline["trained_while_down"] = _wait_for(run_dir / checkpoint_dir_name(3), 120)
         start_mlflow_server(**serve)
@@ -88,5 +93,9 @@ def test_a_run_goes_on_while_its_mlflow_server_restarts_and_logs_every_epoch_onc
         for key in ("train/loss", "val/top1", "val/loss", "train/lr"):
             assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [1, 2, 3, 4, 5, 6], key
         assert {"checkpoints/best/state.pt", "curves.png"} <= _artifacts(client, run.info.run_id)
+        cpu = client.get_metric_history(run.info.run_id, f"system/{ray.util.get_node_ip_address()}/"
+                                                          "cpu_utilization_percentage")  # fmt: skip
+        assert sorted(m.step for m in cpu) == list(range(len(cpu))), "a system-metrics step lost or repeated"
+        assert min(m.timestamp for m in cpu) < 1000 * down_at < max(m.timestamp for m in cpu)  # sent once it was back
     finally:
         stop_mlflow_server(state_dir)

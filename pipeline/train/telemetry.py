@@ -5,8 +5,8 @@ module holds what it needs around that:
 
 - ``PEAK_BF16_TFLOPS`` and :func:`peak_bf16_tflops`: a device's dense bf16 peak, for MFU (the GPU benchmark
   prints the same table);
-- :class:`NodeSystemMetrics`: MLflow's system-metrics monitor on the first rank of every node, its metrics
-  named by node (``system/<node>/cpu_utilization_percentage``, ``system/<node>/gpu_0_utilization_percentage``),
+- :class:`NodeSystemMetrics`: MLflow's system-metrics collectors sampled on the first rank of every node, the
+  metrics named by node (``system/<node>/cpu_utilization_percentage``, ``system/<node>/gpu_0_utilization_percentage``),
   so that a 4-node run shows 4 nodes' CPUs, GPUs, memory and network, not rank 0's alone;
 - :class:`StepProfiler`: ``profile.steps: [start, end]``: a torch.profiler trace of those optimizer steps on
   every rank, logged to the MLflow run as ``profile/rank<r>.trace.json`` (open it in Perfetto or
@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import re
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -56,28 +58,80 @@ def peak_bf16_tflops(device_name: str) -> tuple[str, float, str] | None:
 
 
 class NodeSystemMetrics:
-    """MLflow's system metrics of this node, named ``system/<node>/...``; a no-op on every rank but a node's first.
+    """This node's CPU, memory, disk, network and GPU use every ``interval_s``, as ``system/<node>/...``;
+    a no-op on every rank but a node's first. Use as a context manager around training.
 
-    Use as a context manager around training. ``node`` is what names the node in the metrics (its IP on a
-    Ray cluster). A restarted worker group continues the metrics' steps (``resume_logging``).
+    MLflow's collectors, our own loop: MLflow's stops for good at the first failed read of the run (a busy
+    SQLite store, a server restarting) or whenever the run is not RUNNING (a restarted group reopens it),
+    and takes ``$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` over the interval it is given. Here each sample is
+    sent when taken (a node that dies keeps what it sampled), a failed send goes again with the next one,
+    the last is taken on exit (a short run has one too), and a restarted group continues the steps.
     """
 
+    MAX_PENDING = 900  # metrics kept while MLflow is unreachable: one batch (MLflow's limit is 1,000)
+
     def __init__(self, tracking_uri: str, run_id: str, node: str, *, first_on_node: bool, interval_s: float):
-        self.monitor = None
+        self.tracking_uri, self.run_id, self.interval_s = tracking_uri, run_id, interval_s
+        self.prefix = f"system/{node}/"
+        self.collectors: list = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         if first_on_node:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-            self.monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=True,
-                                                node_id=node, tracking_uri=tracking_uri)  # fmt: skip
+            # its collectors: CPU and memory, disk, network, and the GPUs NVML (or ROCm) sees
+            self.collectors = SystemMetricsMonitor(run_id, tracking_uri=tracking_uri).monitors
+            self._thread = threading.Thread(target=self._sample, name="vitpipe-system-metrics", daemon=True)
 
     def __enter__(self) -> NodeSystemMetrics:
-        if self.monitor is not None:
-            self.monitor.start()
+        if self._thread is not None:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.monitor is not None:
-            self.monitor.finish()
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=30)  # (a send to an unreachable server is not waited for longer)
+
+    def _sample(self) -> None:
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        from pipeline.tracking import short_http_retries
+
+        short_http_retries()  # an outage: the next sample tries again, sooner than MLflow's backoff would
+        client = MlflowClient(self.tracking_uri)
+        key = self.prefix + "cpu_utilization_percentage"
+        try:
+            step = 1 + max((m.step for m in client.get_metric_history(self.run_id, key)), default=-1)
+        except Exception:  # noqa: BLE001 - unreachable: steps from 0; the run's chart shows the restart
+            step = 0
+        pending: list[Metric] = []
+        failing = False
+        self._read()  # CPU use is measured since the previous read: this one starts the clock
+        while True:
+            stopping = self._stop.wait(self.interval_s)
+            timestamp = int(time.time() * 1000)
+            try:
+                pending += [Metric(self.prefix + k, float(v), timestamp, step) for k, v in self._read().items()]
+                step += 1
+                client.log_batch(self.run_id, metrics=pending[-self.MAX_PENDING:])
+                pending, failing = [], False
+            except Exception as err:  # noqa: BLE001 - never the run's failure: the next sample tries again
+                if not failing:
+                    print(f"[vitpipe] system metrics of {self.prefix[7:-1]} not logged ({type(err).__name__}: "
+                          f"{str(err)[:200]}); retrying with each sample", flush=True)  # fmt: skip
+                pending, failing = pending[-self.MAX_PENDING:], True
+            if stopping:
+                return
+
+    def _read(self) -> dict[str, float]:
+        values: dict[str, float] = {}
+        for collector in self.collectors:
+            collector.collect_metrics()
+            values.update(collector.aggregate_metrics())
+            collector.clear_metrics()
+        return values
 
 
 class StepProfiler:
