@@ -27,9 +27,11 @@ from __future__ import annotations
 import csv
 import io
 import math
+import numbers
 import os
 import re
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -316,6 +318,25 @@ def _collect(results, statuses: dict[str, str], space: SearchSpace, metric: str,
     return rows
 
 
+def _log_held_back_epochs(client, run_id: str, frame, metric: str) -> None:
+    """Log to a trial's MLflow run the epochs it reported to Tune that the run lacks (by ``metric``)."""
+    from mlflow.entities import Metric
+
+    if frame is None or "epoch" not in frame or metric not in frame:
+        return
+    logged = {m.step for m in client.get_metric_history(run_id, metric)}
+    missing = []
+    for _, reported in frame.iterrows():
+        epoch = int(reported["epoch"])
+        if epoch in logged:
+            continue
+        timestamp = int(1000 * float(reported.get("timestamp", time.time())))  # when the trial reported it
+        missing += [Metric(key, float(value), timestamp, epoch) for key, value in reported.items()
+                    if "/" in key and not key.startswith("config/") and isinstance(value, numbers.Real)]  # fmt: skip
+    for start in range(0, len(missing), 900):  # MLflow's batch limit is 1,000
+        client.log_batch(run_id, metrics=missing[start:start + 900])
+
+
 def plot_metric_vs_knobs(result: SweepResult, space: SearchSpace, path: str | os.PathLike) -> Path | None:
     """One panel per searched knob: each trial's best metric against its value, over the knob's whole range
     (log axis for loguniform knobs, categories in the order of the space); completed trials as dots, the
@@ -525,11 +546,15 @@ def run_sweep(
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     rows = _collect(results, statuses, space, metric, mode, client, experiment_id, parent_run_id)
     # Children that the scheduler stopped are still marked running, or failed when the stop tore their worker
-    # down mid-way through the run's end (the controller gone under a Ray call): Tune says stopped, so close them so.
+    # down mid-way through the run's end (the controller gone under a Ray call): Tune says stopped, so close them
+    # so, with the epochs their rank 0 held back (until a checkpoint commits) when the stop came.
+    frames = {row.trial_id: result.metrics_dataframe for row, result in zip(rows, results)}
     for row in rows:
-        stopped = row.status == "stopped early" and row.run_id
-        if stopped and client.get_run(row.run_id).info.status in ("RUNNING", "FAILED"):
-            tracking.close_run(uri, row.run_id, "KILLED", f"{STOPPED_EARLY}: {space.scheduler.name} after epoch {row.epochs}")
+        if row.status == "stopped early" and row.run_id:
+            _log_held_back_epochs(client, row.run_id, frames[row.trial_id], metric)
+            if client.get_run(row.run_id).info.status in ("RUNNING", "FAILED"):
+                tracking.close_run(uri, row.run_id, "KILLED",
+                                   f"{STOPPED_EARLY}: {space.scheduler.name} after epoch {row.epochs}")  # fmt: skip
     scored = [r for r in rows if r.best is not None]
     best = (max if mode == "max" else min)(scored, key=lambda r: r.best) if scored else None
     result = SweepResult(name=name, path=path, parent_run_id=parent_run_id, metric=metric, mode=mode,
