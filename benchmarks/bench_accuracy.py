@@ -3,6 +3,7 @@
     python -m benchmarks.bench_accuracy                         # 8k images x 2 epochs each, ~15 min on 2 cores
     python -m benchmarks.bench_accuracy --train-images 4000 --epochs 1 --models vit_lsla_nano hier_msa_nano
     python -m benchmarks.bench_accuracy --castling --train-images 3000  # Castling models and their softmax twins
+    python -m benchmarks.bench_accuracy --ablation lsla --train-images 12000 --epochs 1 --seeds 2
 
 Each model is trained the way ``make demo`` trains it (``configs/tiny_cpu.yaml``: Ray Train, 2 gloo CPU
 workers, AdamW + cosine, label smoothing 0.1, the same seeded shards, batches and number of steps), with the
@@ -15,6 +16,12 @@ counter), validation and test top-1, and the pipeline's training images/s (2 wor
 adds a table of the branch's fate: the last validation top-1 of the training form (``val_train_form/top1``,
 logged while the branch exists) against the deployed form's at that epoch (``val/top1``), the mask density
 per epoch, and the deployed model's test top-1 against its twin's.
+
+``--ablation lsla`` trains vit_lsla_nano in the shape of the LSLA paper's study: keys/values ``qkv`` /
+``qxv`` / ``qxx`` x scale ``fixed`` / ``dynamic`` x outer bias on / off, then the full LSLA with other
+``ds_init`` values and ``bias_sharing`` modes, and hier_msa_nano (softmax windows) as the reference. With
+``--seeds N`` every model or variant is trained N times (``optim.seed`` 0..N-1); the tables give the mean and
+the spread (min-max) of test top-1.
 
 Runs land in a local MLflow store under ``--work-dir`` (browse them with ``mlflow ui``). Needs the Debian
 package dataset-fashion-mnist.
@@ -36,6 +43,21 @@ CASTLING_TWINS = {"castling_vit_nano": "vit_msa_nano", "castling_swin_nano": "hi
                   "dvt_castling_nano": "dvt_vit_nano"}  # fmt: skip
 
 
+def _lsla(kv: str = "qxx", scale: str = "dynamic", outer_bias: bool = True, **more) -> tuple[str, dict]:
+    return "vit_lsla_nano", {"attn_kwargs": {"kv": kv, "scale": scale, "outer_bias": outer_bias, **more}}
+
+
+# variant name -> (model, model.kwargs): the LSLA paper's ablation axes, then the knobs the sweeps search
+LSLA_ABLATION = {
+    **{f"{kv}-{scale}-{'ob' if ob else 'no_ob'}": _lsla(kv, scale, ob)
+       for kv in ("qkv", "qxv", "qxx") for scale in ("fixed", "dynamic") for ob in (False, True)},
+    "qxx-dynamic-ob-ds_init_0.5": _lsla(ds_init=0.5),
+    "qxx-dynamic-ob-ds_init_2": _lsla(ds_init=2.0),
+    **{f"qxx-dynamic-ob-share_{mode}": _lsla(bias_sharing=mode) for mode in ("tied", "heads", "stage")},
+    "hier_msa_nano": ("hier_msa_nano", {}),
+}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-images", type=int, default=8_000, help="training images drawn from the 60k "
@@ -44,6 +66,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--models", nargs="+", default=None, choices=sorted({name for name, _, _ in MODELS} |
                         set(CASTLING_TWINS) | set(CASTLING_TWINS.values())))  # fmt: skip
     parser.add_argument("--castling", action="store_true", help="the Castling models and their twins (see above)")
+    parser.add_argument("--ablation", choices=["lsla"], help="the LSLA paper's ablation on vit_lsla_nano (see above)")
+    parser.add_argument("--variants", nargs="+", choices=sorted(LSLA_ABLATION), help="with --ablation: only these")
+    parser.add_argument("--seeds", type=int, default=1, help="runs of every model or variant, optim.seed 0..N-1")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/vitpipe-bench-accuracy"))
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
@@ -63,7 +88,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     data_dir = build_demo_shards(work / "shards", profile)
     names = args.models or ([n for pair in CASTLING_TWINS.items() for n in pair] if args.castling
                             else [name for name, _, _ in MODELS])  # fmt: skip
-    models = [(name, {}, {}) for name in names]
+    variants = {name: (name, {}) for name in names}
+    if args.ablation:
+        variants = {v: LSLA_ABLATION[v] for v in (args.variants or LSLA_ABLATION)}
+    labels, models = [], []
+    for label, (name, kwargs) in variants.items():
+        for seed in range(args.seeds):
+            run = label if args.seeds == 1 else f"{label}-seed{seed}"
+            labels.append((label, seed, run))
+            models.append((name, kwargs, {"run_name": f"demo-{run}", "optim.seed": seed}))
     wall = time.perf_counter()
     ray.init(num_cpus=max(os.cpu_count() or 2, 3))  # as the demo starts it
     try:  # new=True: a benchmark measures a whole run, never a resumed one
@@ -72,8 +105,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     finally:
         ray.shutdown()
 
-    for row in rows:
-        found = best_checkpoint(work / "runs" / f"demo-{row['model']}", "val/top1", "max")
+    for row, (label, seed, run) in zip(rows, labels):
+        row.update(variant=label, seed=seed)
+        found = best_checkpoint(work / "runs" / f"demo-{run}", "val/top1", "max")
         if found is None:
             raise SystemExit(f"{row['model']}: no checkpoint under {work / 'runs'}")
         report = evaluate_model(found[0], data_dir, split="test")
@@ -96,12 +130,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
             b = r["dvt_budget"]
             print(f"{'':<20} early exit within 0.2 points of the last exit: q={b['q']:.2f}, top-1 {b['top1']:.2f}%, "
                   f"{b['mean_gmacs'] * 1e3:.2f} MMACs on average")
-    castling_rows = _castling_table(rows, tracking_uri)
+    summary = _seed_table(rows) if args.seeds > 1 or args.ablation else []
+    castling_rows = _castling_table(rows, tracking_uri) if args.seeds == 1 else []
     print(f"total wall {time.perf_counter() - wall:.0f}s; runs in {tracking_uri}")
     if args.json:
         args.json.write_text(json.dumps(dict(train_images=args.train_images, epochs=args.epochs, rows=rows,
-                                             castling=castling_rows), indent=2))  # fmt: skip
+                                             castling=castling_rows, variants=summary), indent=2))  # fmt: skip
     return rows
+
+
+def _seed_table(rows: list[dict]) -> list[dict]:
+    """Per model or variant: params, MACs, and test top-1 over its seeds (mean, min-max); printed as a table."""
+    table = []
+    for label in dict.fromkeys(r["variant"] for r in rows):
+        runs = [r for r in rows if r["variant"] == label]
+        top1 = [r["test_top1"] for r in runs]
+        table.append({"variant": label, "model": runs[0]["model"], "params_m": runs[0]["params_m"],
+                      "gmacs": runs[0]["gmacs"], "seeds": len(runs), "test_top1": top1,
+                      "mean": sum(top1) / len(top1), "min": min(top1), "max": max(top1)})  # fmt: skip
+    print(f"\n{'variant':<32} {'params (M)':>10} {'MMACs':>7} {'seeds':>5} {'test top-1 % mean':>17} {'min-max':>13}")
+    for t in table:
+        print(f"{t['variant']:<32} {t['params_m']:>10.3f} {t['gmacs'] * 1e3:>7.2f} {t['seeds']:>5} {t['mean']:>17.2f} "
+              f"{t['min']:>6.2f}-{t['max']:.2f}")
+    return table
 
 
 def _castling_table(rows: list[dict], tracking_uri: str) -> list[dict]:
