@@ -43,11 +43,13 @@ def one_thread():
 def conv_matrix(weight, grid, num_prefix, mode):
     """The depthwise conv (weight (heads, k) or (heads, k, k)) as a dense (heads, N, N) matrix M.
 
-    out_i = Σ_j M[i, j] v_j."""
-    heads, k = weight.shape[0], weight.shape[1]
-    c = k // 2
+    out_i = Σ_j M[i, j] v_j. Mode ``"none"`` (weight None): no conv, M = 0."""
     H, W = grid
     N = num_prefix + H * W
+    if mode == "none":
+        return torch.zeros(1, N, N)
+    heads, k = weight.shape[0], weight.shape[1]
+    c = k // 2
     M = torch.zeros(heads, N, N)
     if mode == "tokens":  # slide along the whole sequence, prefix tokens included
         for i in range(N):
@@ -138,7 +140,7 @@ def randomize(module, seed=0):
 # ---------------------------------------------------------------- the attention against its quadratic form
 
 
-@pytest.mark.parametrize("dwconv, kernel", [("tokens", 9), ("tokens", 3), ("grid", 3)])
+@pytest.mark.parametrize("dwconv, kernel", [("tokens", 9), ("tokens", 3), ("grid", 3), ("none", 3)])
 @pytest.mark.parametrize("branch", [True, False])
 @pytest.mark.parametrize("grad", [True, False], ids=["autograd", "in-place"])
 def test_right_to_left_equals_quadratic_reference(dwconv, kernel, branch, grad):
@@ -160,7 +162,7 @@ def test_right_to_left_equals_quadratic_reference(dwconv, kernel, branch, grad):
         assert 0.05 < float(stats[1]) < 0.95
 
 
-@pytest.mark.parametrize("dwconv", ["grid", "tokens"])
+@pytest.mark.parametrize("dwconv", ["grid", "tokens", "none"])
 @pytest.mark.parametrize("branch", [True, False])
 def test_window_region_restriction_equals_masked_reference(dwconv, branch):
     window, B = 4, 2
@@ -534,3 +536,24 @@ def test_castling_swin_models():
         castling, msa = timm.create_model("castling_swin_t"), timm.create_model("hier_msa_swin_t")
     heads = 2 * 3 + 2 * 6 + 6 * 12 + 2 * 24
     assert sum(p.numel() for p in msa.parameters()) - sum(p.numel() for p in castling.parameters()) == heads * (169 - 9 - 1)
+
+
+@pytest.mark.parametrize("name", ["castling_vit_nano", "castling_swin_nano"])
+def test_ablation_forms_without_the_conv_and_without_the_branch(name):
+    """The paper's ablations: ``dwconv="none"`` drops exactly the conv's weights; ``sparse_branch=False`` trains
+    with no softmax at all and leaves no trained parameter without a gradient (DDP's requirement)."""
+    x = torch.randn(2, 3, 32, 32)
+    full = timm.create_model(name)
+    no_conv = timm.create_model(name, attn_kwargs={"dwconv": "none"})
+    conv_weights = sum(m.dwconv_weight.numel() for _, m in castling_modules(full))
+    assert conv_weights > 0 and all(m.dwconv_weight is None for _, m in castling_modules(no_conv))
+    assert sum(p.numel() for p in full.parameters()) - sum(p.numel() for p in no_conv.parameters()) == conv_weights
+
+    for kwargs in ({"sparse_branch": False}, {"sparse_branch": False, "dwconv": "none"}):
+        model = timm.create_model(name, attn_kwargs=kwargs).train()
+        with OpCounter() as ops:
+            loss = model(x).logsumexp(-1).mean()
+        assert ops.attention_ops() == 0 and not mask_densities(model)
+        loss.backward()
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+        assert not any(m.branch_gate.requires_grad for _, m in castling_modules(model))

@@ -868,7 +868,8 @@ def _train_epochs(state: State, config: TrainConfig, d: Dist, train_loader, val_
 
             densities = epoch_result.mask_density
             metrics.update({f"castling/mask_density/{name}": v for name, v in densities.items()})
-            metrics["castling/mask_density_mean"] = float(np.mean(list(densities.values())))
+            if densities:  # none when the model trains without the branch
+                metrics["castling/mask_density_mean"] = float(np.mean(list(densities.values())))
             progress = (epoch + 1) / config.optim.epochs
             castling_config = config.method.castling
             metrics["castling/mask_reg_weight"] = mask_reg_weight(

@@ -5,7 +5,7 @@ Per head, with ``q̂ = q/||q||`` and ``k̂ = k/||k||`` over the head's channels:
     Y = 0.5 v + (1/pi) q̂ (k̂ᵀ v)          right to left: k̂ᵀ v is d x d, so the cost is linear in n
     Y = Y + g_h Sparse v                 training form only, Sparse = P ⊙ 1[P > eps], P = softmax(q kᵀ/sqrt(d))
     Y = Y / ||Y||
-    Y = Y + DWConv(v)                    depthwise, one kernel per head (as the official release)
+    Y = Y + DWConv(v)                    depthwise, one kernel per head (as the official release); optional
     out = concat_heads(Y) W_proj + b
 
 The masked softmax branch approximates the higher-order terms of the angular kernel while training and is
@@ -61,7 +61,7 @@ __all__ = [
     "window_regions",
 ]
 
-DWCONV_MODES = ("tokens", "grid")
+DWCONV_MODES = ("tokens", "grid", "none")
 
 
 class _LinearAngularAttention(nn.Module):
@@ -70,7 +70,8 @@ class _LinearAngularAttention(nn.Module):
     ``dwconv="tokens"`` convolves each head's ``v`` along the token sequence (kernel ``k``, the
     release's ``Conv2d(heads, heads, (k, 1), groups=heads)`` on ``(B, heads, N, d)``); ``"grid"``
     convolves it on the 2-D token grid (kernel ``k x k``) [ours]. Either way a head has one kernel,
-    shared by its ``d`` channels (``dwconv_weight``: ``(heads, k)`` or ``(heads, k, k)``).
+    shared by its ``d`` channels (``dwconv_weight``: ``(heads, k)`` or ``(heads, k, k)``). ``"none"`` has no
+    conv (and no ``dwconv_weight``): the paper's ablation of it.
     """
 
     has_logits = False  # the softmax branch is auxiliary and vanishes, so no logits are part of the interface
@@ -106,14 +107,20 @@ class _LinearAngularAttention(nn.Module):
 
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
-        taps = (dwconv_kernel,) if dwconv == "tokens" else (dwconv_kernel, dwconv_kernel)
-        self.dwconv_weight = nn.Parameter(torch.empty(num_heads, *taps))
-        bound = 1 / math.sqrt(math.prod(taps))  # nn.Conv's default init for this fan-in
-        nn.init.uniform_(self.dwconv_weight, -bound, bound)
+        if dwconv == "none":
+            self.register_parameter("dwconv_weight", None)
+        else:
+            taps = (dwconv_kernel,) if dwconv == "tokens" else (dwconv_kernel, dwconv_kernel)
+            self.dwconv_weight = nn.Parameter(torch.empty(num_heads, *taps))
+            bound = 1 / math.sqrt(math.prod(taps))  # nn.Conv's default init for this fan-in
+            nn.init.uniform_(self.dwconv_weight, -bound, bound)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         # the branch's gate (see the module docstring): learned per head, times the loop's schedule
         self.branch_gate = nn.Parameter(torch.ones(num_heads))
+        # Built without the branch (the inference form, or training without it: the paper's ablation) the gate
+        # is never used, so it is not trained: DDP requires every trained parameter to get a gradient.
+        self.branch_gate.requires_grad_(sparse_branch)
         self.register_buffer("branch_scale", torch.ones(()))
 
         # Statistics of the last training forward with the branch (read by mask_regularization / mask_densities).
@@ -162,12 +169,14 @@ class _LinearAngularAttention(nn.Module):
             self.last_mask_density = (mask.float().mean(dim=[*per_head, -1]) * (gate > 0)).mean().detach()
         return (self.attn_drop(sparse).to(v.dtype) @ v) * gate.view(-1, 1, 1)
 
-    def conv(self, v: Tensor, grid: tuple[int, int], num_prefix: int = 0) -> Tensor:
-        """Depthwise conv of ``v`` (B, h, N, d), one kernel per head: (B, h, N, d).
+    def conv(self, v: Tensor, grid: tuple[int, int], num_prefix: int = 0) -> Tensor | None:
+        """Depthwise conv of ``v`` (B, h, N, d), one kernel per head: (B, h, N, d); None for ``"none"``.
 
         ``"tokens"``: along N, zero-padded at both ends. ``"grid"``: on the token grid, channel-major; the
         first ``num_prefix`` tokens have no place on the grid and get the kernel's centre tap alone.
         """
+        if self.dwconv_weight is None:
+            return None
         B, h, N, d = v.shape
         c = self.dwconv_kernel // 2
         if self.dwconv_mode == "tokens":
@@ -180,10 +189,12 @@ class _LinearAngularAttention(nn.Module):
             conv = torch.cat([v[:, :, :num_prefix] * centre, conv], dim=2)
         return conv
 
-    def finish(self, y: Tensor, conv: Tensor) -> Tensor:
-        """``y / ||y|| + conv`` per head, heads merged, projected: (B, N, C)."""
+    def finish(self, y: Tensor, conv: Tensor | None) -> Tensor:
+        """``y / ||y|| + conv`` per head (no conv: ``y / ||y||``), heads merged, projected: (B, N, C)."""
         B, h, N, d = y.shape
-        out = F.normalize(y, dim=-1) + conv
+        out = F.normalize(y, dim=-1)
+        if conv is not None:
+            out = out + conv
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, self.dim)))
 
     def attend_tokens(self, x: Tensor, grid: tuple[int, int], num_prefix: int = 0) -> Tensor:
@@ -214,7 +225,7 @@ class CastlingAttention(_LinearAngularAttention):
     """Linear-angular attention over a whole token sequence (global contract).
 
     Knobs: ``mask_eps`` (0.02, the release), ``sparse_branch`` (False builds the inference form directly),
-    ``dwconv`` (``"tokens"``, the release, or ``"grid"`` [ours]), ``dwconv_kernel`` (9, the release).
+    ``dwconv`` (``"tokens"``, the release, ``"grid"`` [ours], or ``"none"``), ``dwconv_kernel`` (9, the release).
     Prefix tokens (class token): in ``"tokens"`` mode they are part of the sequence the conv slides over,
     as in the release; in ``"grid"`` mode they have no place on the grid, so their conv is the kernel's
     centre tap alone (a token that is its own only neighbour) [ours].
@@ -331,6 +342,8 @@ class WindowCastlingAttention(_LinearAngularAttention):
         if self.sparse_branch:
             y = y + self.sparse_attention(q, k, v, ~cross_region_mask(region_ids))
 
+        if self.dwconv_weight is None:
+            return self.finish(y.view(BW, h, N, d), None)
         conv = self.conv(v.reshape(BW, h, N, d), self.window_size).view(-1, num_windows, h, N, d)
         # Seamed windows: the conv of each region alone (other regions' tokens zeroed), kept on that region.
         v_seamed, seam_conv = v[:, seamed], 0
