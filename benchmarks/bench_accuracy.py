@@ -4,6 +4,9 @@
     python -m benchmarks.bench_accuracy --train-images 4000 --epochs 1 --models vit_lsla_nano hier_msa_nano
     python -m benchmarks.bench_accuracy --castling --train-images 3000  # Castling models and their softmax twins
     python -m benchmarks.bench_accuracy --ablation lsla --train-images 12000 --epochs 1 --seeds 2
+    python -m benchmarks.bench_accuracy --ablation castling --train-images 12000 --epochs 3 --seeds 2
+    python -m benchmarks.bench_accuracy --ablation dvt --demo-sizes --train-images all --epochs 2 --seeds 3
+    python -m benchmarks.bench_accuracy --models castling_vit_nano vit_msa_nano --demo-sizes --train-images all --seeds 3
 
 Each model is trained the way ``make demo`` trains it (``configs/tiny_cpu.yaml``: Ray Train, 2 gloo CPU
 workers, AdamW + cosine, label smoothing 0.1, the same seeded shards, batches and number of steps), with the
@@ -23,6 +26,16 @@ per epoch, and the deployed model's test top-1 against its twin's.
 ``--seeds N`` every model or variant is trained N times (``optim.seed`` 0..N-1); the tables give the mean and
 the spread (min-max) of test top-1.
 
+``--ablation castling`` trains castling_swin_nano with and without its parts (the paper's study): the depthwise
+conv (``dwconv="none"``) and the auxiliary masked softmax branch (``sparse_branch=False``: trained without it),
+and hier_msa_nano as the reference. ``--ablation dvt`` trains dvt_vit_nano's cascade and each of its exits
+alone (a one-grid cascade: no feature or relation reuse) and sets the cascade's budget curve (thresholds
+calibrated on val, swept on test) against every exit alone: the cheapest budget that reaches the exit's
+accuracy, and its MACs against the exit's.
+
+``--demo-sizes`` gives the plain ViTs and the DVT cascade the sizes ``make demo`` trains them at (its quick
+profile: 8x8 patches, depth 4, D=96; DVT grids 2/3/4, depth 2): their own sizes are 6-9x slower on 2 cores.
+
 Runs land in a local MLflow store under ``--work-dir`` (browse them with ``mlflow ui``). Needs the Debian
 package dataset-fashion-mnist.
 """
@@ -35,12 +48,38 @@ import os
 import time
 from pathlib import Path
 
-from pipeline.demo import MODELS, Profile, build_demo_shards, train_models
+from pipeline.demo import MODELS, PROFILES, Profile, build_demo_shards, train_models
 
 REPO = Path(__file__).resolve().parent.parent
 # each Castling model with its softmax twin (same backbone and size)
 CASTLING_TWINS = {"castling_vit_nano": "vit_msa_nano", "castling_swin_nano": "hier_msa_nano",
                   "dvt_castling_nano": "dvt_vit_nano"}  # fmt: skip
+
+
+def _castling(**attn_kwargs) -> tuple[str, dict]:
+    return "castling_swin_nano", {"attn_kwargs": attn_kwargs} if attn_kwargs else {}
+
+
+# the Castling paper's ablation of its parts, in the hierarchical backbone (which learns at 12k images)
+CASTLING_ABLATION = {
+    "full": _castling(),
+    "no_dwconv": _castling(dwconv="none"),
+    "no_branch": _castling(sparse_branch=False),
+    "no_dwconv-no_branch": _castling(dwconv="none", sparse_branch=False),
+    "hier_msa_nano": ("hier_msa_nano", {}),
+}
+
+
+def _dvt_exits(profile: Profile) -> dict[str, tuple[str, dict]]:
+    """dvt_vit_nano's cascade, and each of its exits trained alone (a cascade of one grid)."""
+    import timm
+    import torch
+
+    import pipeline.models  # noqa: F401  (registers the models)
+
+    with torch.device("meta"):
+        grids = timm.create_model("dvt_vit_nano", **profile.model_kwargs.get("dvt_vit_nano", {})).grids
+    return {"cascade": ("dvt_vit_nano", {}), **{f"exit_{g}x{g}_alone": ("dvt_vit_nano", {"grids": [g]}) for g in grids}}
 
 
 def _lsla(kv: str = "qxx", scale: str = "dynamic", outer_bias: bool = True, **more) -> tuple[str, dict]:
@@ -58,16 +97,21 @@ LSLA_ABLATION = {
 }  # fmt: skip
 
 
+def _images(text: str) -> int | None:
+    return None if text == "all" else int(text)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-images", type=int, default=8_000, help="training images drawn from the 60k "
-                        "(a tenth of them is held out for validation)")  # fmt: skip
+    parser.add_argument("--train-images", type=_images, default=8_000, help="training images drawn from the 60k, "
+                        "or 'all' (a tenth of them is held out for validation)")  # fmt: skip
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--models", nargs="+", default=None, choices=sorted({name for name, _, _ in MODELS} |
                         set(CASTLING_TWINS) | set(CASTLING_TWINS.values())))  # fmt: skip
     parser.add_argument("--castling", action="store_true", help="the Castling models and their twins (see above)")
-    parser.add_argument("--ablation", choices=["lsla"], help="the LSLA paper's ablation on vit_lsla_nano (see above)")
-    parser.add_argument("--variants", nargs="+", choices=sorted(LSLA_ABLATION), help="with --ablation: only these")
+    parser.add_argument("--ablation", choices=["lsla", "castling", "dvt"], help="a paper's ablation (see above)")
+    parser.add_argument("--variants", nargs="+", help="with --ablation: only these (names as in its table)")
+    parser.add_argument("--demo-sizes", action="store_true", help="the plain ViTs and DVT at make demo's sizes")
     parser.add_argument("--seeds", type=int, default=1, help="runs of every model or variant, optim.seed 0..N-1")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/vitpipe-bench-accuracy"))
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
@@ -81,8 +125,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from pipeline.registry import best_checkpoint
 
     profile = Profile(train_images=args.train_images, test_images=None, epochs=args.epochs, sweep_trials=0,
-                      sweep_epochs=0)  # fmt: skip
-    work = args.work_dir.resolve() / f"{args.train_images}x{args.epochs}"
+                      sweep_epochs=0, model_kwargs=PROFILES["quick"].model_kwargs if args.demo_sizes else {})  # fmt: skip
+    ablation = {"lsla": LSLA_ABLATION, "castling": CASTLING_ABLATION}.get(args.ablation) or \
+        (_dvt_exits(profile) if args.ablation == "dvt" else {})  # fmt: skip
+    unknown = sorted(set(args.variants or ()) - set(ablation))
+    if unknown:
+        parser.error(f"--ablation {args.ablation} has no variant(s) {unknown}; it has {sorted(ablation)}")
+    images = "all" if args.train_images is None else args.train_images
+    work = args.work_dir.resolve() / f"{images}x{args.epochs}{'-demo_sizes' if args.demo_sizes else ''}"
     work.mkdir(parents=True, exist_ok=True)
     tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
     data_dir = build_demo_shards(work / "shards", profile)
@@ -90,7 +140,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                             else [name for name, _, _ in MODELS])  # fmt: skip
     variants = {name: (name, {}) for name in names}
     if args.ablation:
-        variants = {v: LSLA_ABLATION[v] for v in (args.variants or LSLA_ABLATION)}
+        variants = {v: ablation[v] for v in (args.variants or ablation)}
     labels, models = [], []
     for label, (name, kwargs) in variants.items():
         for seed in range(args.seeds):
@@ -119,23 +169,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
             except ValueError:  # the sweep's dearest point can fall short of the last exit on a small split
                 point = max(report.budget.points, key=lambda p: p.top1)
             row["dvt_budget"] = {"q": point.q, "top1": point.top1, "mean_gmacs": point.expected_gmacs}
+            row["dvt_curve"] = [{"q": p.q, "top1": p.top1, "mean_gmacs": p.expected_gmacs} for p in report.budget.points]
+            row["dvt_anytime"] = {"gmacs": report.budget.cumulative_gmacs, "top1": report.budget.anytime_top1}
 
-    print(f"\nFashion-MNIST, {args.train_images:,} training images (a tenth held out for validation) x {args.epochs} "
-          f"epochs, 2 Ray Train CPU workers, configs/tiny_cpu.yaml; test top-1 on {rows[0]['test_images']:,} images")
-    print(f"{'model':<20} {'params (M)':>10} {'MMACs':>8} {'val top-1 %':>11} {'test top-1 %':>12} {'train img/s':>11}")
-    for r in rows:
-        print(f"{r['model']:<20} {r['params_m']:>10.3f} {r['gmacs'] * 1e3:>8.2f} {r['val_top1']:>11.2f} "
+    print(f"\nFashion-MNIST, {images:,} training images (a tenth held out for validation) x {args.epochs} epochs, "
+          f"2 Ray Train CPU workers, configs/tiny_cpu.yaml{' at the demo sizes' if args.demo_sizes else ''}; "
+          f"test top-1 on {rows[0]['test_images']:,} images")  # fmt: skip
+    print(f"{'run':<36} {'params (M)':>10} {'MMACs':>8} {'val top-1 %':>11} {'test top-1 %':>12} {'train img/s':>11}")
+    for r, (_, _, run) in zip(rows, labels):
+        print(f"{run:<36} {r['params_m']:>10.3f} {r['gmacs'] * 1e3:>8.2f} {r['val_top1']:>11.2f} "
               f"{r['test_top1']:>12.2f} {r['images_per_s']:>11.0f}")
         if "dvt_budget" in r:
             b = r["dvt_budget"]
-            print(f"{'':<20} early exit within 0.2 points of the last exit: q={b['q']:.2f}, top-1 {b['top1']:.2f}%, "
+            print(f"{'':<36} early exit within 0.2 points of the last exit: q={b['q']:.2f}, top-1 {b['top1']:.2f}%, "
                   f"{b['mean_gmacs'] * 1e3:.2f} MMACs on average")
     summary = _seed_table(rows) if args.seeds > 1 or args.ablation else []
-    castling_rows = _castling_table(rows, tracking_uri) if args.seeds == 1 else []
+    dvt_rows = _dvt_table(rows) if args.ablation == "dvt" else []
+    castling_rows = _castling_table(rows, tracking_uri) if args.seeds == 1 and not args.ablation else []
     print(f"total wall {time.perf_counter() - wall:.0f}s; runs in {tracking_uri}")
     if args.json:
         args.json.write_text(json.dumps(dict(train_images=args.train_images, epochs=args.epochs, rows=rows,
-                                             castling=castling_rows, variants=summary), indent=2))  # fmt: skip
+                                             castling=castling_rows, variants=summary, dvt=dvt_rows), indent=2))  # fmt: skip
     return rows
 
 
@@ -152,6 +206,35 @@ def _seed_table(rows: list[dict]) -> list[dict]:
     for t in table:
         print(f"{t['variant']:<32} {t['params_m']:>10.3f} {t['gmacs'] * 1e3:>7.2f} {t['seeds']:>5} {t['mean']:>17.2f} "
               f"{t['min']:>6.2f}-{t['max']:.2f}")
+    return table
+
+
+def _dvt_table(rows: list[dict]) -> list[dict]:
+    """Each exit trained alone against the cascade of the same seed: the cheapest budget on the cascade's curve
+    that reaches the exit's test top-1, and its mean MACs against the exit's; printed as a table."""
+    cascades = {r["seed"]: r for r in rows if r["variant"] == "cascade"}
+    table = []
+    for r in rows:
+        cascade = cascades.get(r["seed"])
+        if r["variant"] == "cascade" or cascade is None:
+            continue
+        reaching = [p for p in cascade["dvt_curve"] if p["top1"] >= r["test_top1"]]
+        point = min(reaching, key=lambda p: p["mean_gmacs"]) if reaching else None
+        table.append({"exit": r["variant"], "seed": r["seed"], "exit_top1": r["test_top1"], "exit_gmacs": r["gmacs"],
+                      "cascade_last_exit_top1": cascade["test_top1"],
+                      "cascade_best_top1": max(p["top1"] for p in cascade["dvt_curve"]),
+                      "cascade_point": point,
+                      "macs_ratio": None if point is None else point["mean_gmacs"] / r["gmacs"]})  # fmt: skip
+    if table:
+        print("\nDVT: each exit alone against the cascade's budget curve (same seed); the cheapest budget at the "
+              "exit's accuracy")  # fmt: skip
+        print(f"{'exit alone':<18} {'seed':>4} {'MMACs':>7} {'top-1 %':>8} {'cascade: q':>10} {'top-1 %':>8} "
+              f"{'mean MMACs':>10} {'MACs vs alone':>13}")  # fmt: skip
+        for t in table:
+            p = t["cascade_point"]
+            tail = (f"{'not reached (best ' + format(t['cascade_best_top1'], '.2f') + ')':>41}" if p is None else
+                    f"{p['q']:>10.2f} {p['top1']:>8.2f} {p['mean_gmacs'] * 1e3:>10.2f} {t['macs_ratio']:>12.2f}x")
+            print(f"{t['exit']:<18} {t['seed']:>4} {t['exit_gmacs'] * 1e3:>7.2f} {t['exit_top1']:>8.2f} {tail}")
     return table
 
 
