@@ -8,9 +8,12 @@
     python -m benchmarks.bench_accuracy --ablation dvt --demo-sizes --train-images all --epochs 2 --seeds 3
     python -m benchmarks.bench_accuracy --models castling_vit_nano vit_msa_nano --demo-sizes --train-images all --seeds 3
 
-Each model is trained the way ``make demo`` trains it (``configs/tiny_cpu.yaml``: Ray Train, 2 gloo CPU
-workers, AdamW + cosine, label smoothing 0.1, the same seeded shards, batches and number of steps), with the
-demo's method terms (Castling's mask regularisation). Its best checkpoint (by validation top-1) is then
+Each model is trained by the pipeline (``configs/tiny_cpu.yaml``: Ray Train, 2 gloo CPU workers, 64 images per
+worker, AdamW + cosine, the same seeded shards, batches and number of steps), with the demo's method terms
+(Castling's mask regularisation), and by default the recipes' augmentation and optimiser (``--settings
+recipe``: those of ``configs/fmnist_*.yaml``, crops of 60-100%, no colour jitter, lr 1.2e-3, weight decay
+0.015, drop path 0.1, label smoothing 0.1, a tenth of the epochs as warm-up); ``--settings tiny_cpu`` keeps
+that config's own (crops of 8-100%, colour jitter 0.4, lr 2e-3, weight decay 0.05, no warm-up). Its best checkpoint (by validation top-1) is then
 evaluated on all 10,000 test images by ``pipeline.eval.evaluate`` (Castling in inference form; a DVT
 cascade by its last exit, and its budget curve). The table gives parameters and MACs (the project's
 counter), validation and test top-1, and the pipeline's training images/s (2 workers, wall clock).
@@ -97,6 +100,21 @@ LSLA_ABLATION = {
 }  # fmt: skip
 
 
+RECIPE = REPO / "configs" / "fmnist_vit_lsla_nano.yaml"  # the recipe shape every configs/fmnist_*.yaml shares
+RECIPE_KEYS = ("data.crop_scale", "data.hflip", "data.color_jitter", "data.random_erasing", "data.loader_workers",
+               "optim.lr", "optim.weight_decay", "optim.min_lr", "optim.clip_grad", "optim.label_smoothing",
+               "model.drop_path_rate")  # fmt: skip
+
+
+def recipe_settings(epochs: int) -> dict:
+    """The recipe's augmentation and optimiser as overrides, its warm-up (a tenth of its epochs) scaled to ``epochs``."""
+    import yaml
+
+    recipe = yaml.safe_load(RECIPE.read_text())
+    settings = {key: recipe[key.split(".")[0]][key.split(".")[1]] for key in RECIPE_KEYS}
+    return {**settings, "optim.warmup_epochs": epochs // 10}
+
+
 def _images(text: str) -> int | None:
     return None if text == "all" else int(text)
 
@@ -112,6 +130,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--ablation", choices=["lsla", "castling", "dvt"], help="a paper's ablation (see above)")
     parser.add_argument("--variants", nargs="+", help="with --ablation: only these (names as in its table)")
     parser.add_argument("--demo-sizes", action="store_true", help="the plain ViTs and DVT at make demo's sizes")
+    parser.add_argument("--settings", choices=["recipe", "tiny_cpu"], default="recipe",
+                        help="augmentation and optimiser: the recipes' (default) or configs/tiny_cpu.yaml's")  # fmt: skip
     parser.add_argument("--seeds", type=int, default=1, help="runs of every model or variant, optim.seed 0..N-1")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/vitpipe-bench-accuracy"))
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
@@ -125,14 +145,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from pipeline.registry import best_checkpoint
 
     profile = Profile(train_images=args.train_images, test_images=None, epochs=args.epochs, sweep_trials=0,
-                      sweep_epochs=0, model_kwargs=PROFILES["quick"].model_kwargs if args.demo_sizes else {})  # fmt: skip
+                      sweep_epochs=0, model_kwargs=PROFILES["quick"].model_kwargs if args.demo_sizes else {},
+                      overrides=recipe_settings(args.epochs) if args.settings == "recipe" else {})  # fmt: skip
     ablation = {"lsla": LSLA_ABLATION, "castling": CASTLING_ABLATION}.get(args.ablation) or \
         (_dvt_exits(profile) if args.ablation == "dvt" else {})  # fmt: skip
     unknown = sorted(set(args.variants or ()) - set(ablation))
     if unknown:
         parser.error(f"--ablation {args.ablation} has no variant(s) {unknown}; it has {sorted(ablation)}")
     images = "all" if args.train_images is None else args.train_images
-    work = args.work_dir.resolve() / f"{images}x{args.epochs}{'-demo_sizes' if args.demo_sizes else ''}"
+    work = args.work_dir.resolve() / f"{images}x{args.epochs}-{args.settings}{'-demo_sizes' if args.demo_sizes else ''}"
     work.mkdir(parents=True, exist_ok=True)
     tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
     data_dir = build_demo_shards(work / "shards", profile)
@@ -173,7 +194,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             row["dvt_anytime"] = {"gmacs": report.budget.cumulative_gmacs, "top1": report.budget.anytime_top1}
 
     print(f"\nFashion-MNIST, {images:,} training images (a tenth held out for validation) x {args.epochs} epochs, "
-          f"2 Ray Train CPU workers, configs/tiny_cpu.yaml{' at the demo sizes' if args.demo_sizes else ''}; "
+          f"2 Ray Train CPU workers, {args.settings} settings{', the demo sizes' if args.demo_sizes else ''}; "
           f"test top-1 on {rows[0]['test_images']:,} images")  # fmt: skip
     print(f"{'run':<36} {'params (M)':>10} {'MMACs':>8} {'val top-1 %':>11} {'test top-1 %':>12} {'train img/s':>11}")
     for r, (_, _, run) in zip(rows, labels):
