@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--settings", choices=["recipe", "tiny_cpu"], default="recipe",
                         help="augmentation and optimiser: the recipes' (default) or configs/tiny_cpu.yaml's")  # fmt: skip
     parser.add_argument("--seeds", type=int, default=1, help="runs of every model or variant, optim.seed 0..N-1")
+    parser.add_argument("--reuse", action="store_true", help="runs already finished in --work-dir are read back, "
+                        "not trained again (their images/s are those they measured)")  # fmt: skip
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/vitpipe-bench-accuracy"))
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
@@ -152,8 +154,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     unknown = sorted(set(args.variants or ()) - set(ablation))
     if unknown:
         parser.error(f"--ablation {args.ablation} has no variant(s) {unknown}; it has {sorted(ablation)}")
-    images = "all" if args.train_images is None else args.train_images
-    work = args.work_dir.resolve() / f"{images}x{args.epochs}-{args.settings}{'-demo_sizes' if args.demo_sizes else ''}"
+    images = "all" if args.train_images is None else f"{args.train_images:,}"
+    work = args.work_dir.resolve() / f"{args.train_images or 'all'}x{args.epochs}-{args.settings}{'-demo_sizes' if args.demo_sizes else ''}"
     work.mkdir(parents=True, exist_ok=True)
     tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
     data_dir = build_demo_shards(work / "shards", profile)
@@ -170,8 +172,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             models.append((name, kwargs, {"run_name": f"demo-{run}", "optim.seed": seed}))
     wall = time.perf_counter()
     ray.init(num_cpus=max(os.cpu_count() or 2, 3))  # as the demo starts it
-    try:  # new=True: a benchmark measures a whole run, never a resumed one
-        rows = train_models(REPO / "configs" / "tiny_cpu.yaml", data_dir, work, tracking_uri, profile, new=True,
+    try:  # new=True: a benchmark measures a whole run, never a resumed one (unless --reuse)
+        rows = train_models(REPO / "configs" / "tiny_cpu.yaml", data_dir, work, tracking_uri, profile, new=not args.reuse,
                             models=models)  # fmt: skip
     finally:
         ray.shutdown()
@@ -193,7 +195,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             row["dvt_curve"] = [{"q": p.q, "top1": p.top1, "mean_gmacs": p.expected_gmacs} for p in report.budget.points]
             row["dvt_anytime"] = {"gmacs": report.budget.cumulative_gmacs, "top1": report.budget.anytime_top1}
 
-    print(f"\nFashion-MNIST, {images:,} training images (a tenth held out for validation) x {args.epochs} epochs, "
+    print(f"\nFashion-MNIST, {images} training images (a tenth held out for validation) x {args.epochs} epochs, "
           f"2 Ray Train CPU workers, {args.settings} settings{', the demo sizes' if args.demo_sizes else ''}; "
           f"test top-1 on {rows[0]['test_images']:,} images")  # fmt: skip
     print(f"{'run':<36} {'params (M)':>10} {'MMACs':>8} {'val top-1 %':>11} {'test top-1 %':>12} {'train img/s':>11}")
