@@ -31,7 +31,7 @@ the spread (min-max) of test top-1.
 
 ``--ablation castling`` trains castling_swin_nano with and without its parts (the paper's study): the depthwise
 conv (``dwconv="none"``) and the auxiliary masked softmax branch (``sparse_branch=False``: trained without it),
-and hier_msa_nano as the reference. ``--ablation dvt`` trains dvt_vit_nano's cascade and each of its exits
+and hier_msa_nano as the reference; then the same for castling_vit_nano (``plain-*``) against vit_msa_nano. ``--ablation dvt`` trains dvt_vit_nano's cascade and each of its exits
 alone (a one-grid cascade: no feature or relation reuse) and sets the cascade's budget curve (thresholds
 calibrated on val, swept on test) against every exit alone: the cheapest budget that reaches the exit's
 accuracy, and its MACs against the exit's.
@@ -59,17 +59,22 @@ CASTLING_TWINS = {"castling_vit_nano": "vit_msa_nano", "castling_swin_nano": "hi
                   "dvt_castling_nano": "dvt_vit_nano"}  # fmt: skip
 
 
-def _castling(**attn_kwargs) -> tuple[str, dict]:
-    return "castling_swin_nano", {"attn_kwargs": attn_kwargs} if attn_kwargs else {}
+def _castling(model: str = "castling_swin_nano", **attn_kwargs) -> tuple[str, dict]:
+    return model, {"attn_kwargs": attn_kwargs} if attn_kwargs else {}
 
 
-# the Castling paper's ablation of its parts, in the hierarchical backbone (which learns at 12k images)
+# the Castling paper's ablation of its parts: in the hierarchical backbone (which learns at 12k images), then in
+# the plain ViT (castling_vit_nano, with its twin: at --demo-sizes for speed)
 CASTLING_ABLATION = {
     "full": _castling(),
     "no_dwconv": _castling(dwconv="none"),
     "no_branch": _castling(sparse_branch=False),
     "no_dwconv-no_branch": _castling(dwconv="none", sparse_branch=False),
     "hier_msa_nano": ("hier_msa_nano", {}),
+    "plain-full": _castling("castling_vit_nano"),
+    "plain-no_dwconv": _castling("castling_vit_nano", dwconv="none"),
+    "plain-no_branch": _castling("castling_vit_nano", sparse_branch=False),
+    "vit_msa_nano": ("vit_msa_nano", {}),
 }
 
 

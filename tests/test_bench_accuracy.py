@@ -59,7 +59,10 @@ def test_the_castling_ablation_drops_the_conv_and_the_branch():
     parts = {label: {(m.dwconv_weight is not None, m.sparse_branch) for _, m in castling_modules(model)}
              for label, model in built.items()}  # fmt: skip
     assert parts == {"full": {(True, True)}, "no_dwconv": {(False, True)}, "no_branch": {(True, False)},
-                     "no_dwconv-no_branch": {(False, False)}, "hier_msa_nano": set()}  # fmt: skip
+                     "no_dwconv-no_branch": {(False, False)}, "hier_msa_nano": set(), "plain-full": {(True, True)},
+                     "plain-no_dwconv": {(False, True)}, "plain-no_branch": {(True, False)}, "vit_msa_nano": set()}
+    assert {type(built[label]).__name__ for label in ("plain-full", "plain-no_dwconv", "vit_msa_nano")} == \
+        {"VisionTransformer"}  # fmt: skip
 
 
 @pytest.mark.parametrize("demo_sizes", [False, True], ids=["own_size", "demo_size"])
