@@ -13,7 +13,8 @@ worker, AdamW + cosine, the same seeded shards, batches and number of steps), wi
 (Castling's mask regularisation), and by default the recipes' augmentation and optimiser (``--settings
 recipe``: those of ``configs/fmnist_*.yaml``, crops of 60-100%, no colour jitter, lr 1.2e-3, weight decay
 0.015, drop path 0.1, label smoothing 0.1, a tenth of the epochs as warm-up); ``--settings tiny_cpu`` keeps
-that config's own (crops of 8-100%, colour jitter 0.4, lr 2e-3, weight decay 0.05, no warm-up). Its best checkpoint (by validation top-1) is then
+that config's own (crops of 8-100%, colour jitter 0.4, lr 2e-3, weight decay 0.05, no warm-up). Its best
+checkpoint (by validation top-1) is then
 evaluated on all 10,000 test images by ``pipeline.eval.evaluate`` (Castling in inference form; a DVT
 cascade by its last exit, and its budget curve). The table gives parameters and MACs (the project's
 counter), validation and test top-1, and the pipeline's training images/s (2 workers, wall clock).
@@ -31,8 +32,8 @@ the spread (min-max) of test top-1.
 
 ``--ablation castling`` trains castling_swin_nano with and without its parts (the paper's study): the depthwise
 conv (``dwconv="none"``) and the auxiliary masked softmax branch (``sparse_branch=False``: trained without it),
-and hier_msa_nano as the reference; then the same for castling_vit_nano (``plain-*``) against vit_msa_nano. ``--ablation dvt`` trains dvt_vit_nano's cascade and each of its exits
-alone (a one-grid cascade: no feature or relation reuse) and sets the cascade's budget curve (thresholds
+and hier_msa_nano as the reference; then the same for castling_vit_nano (``plain-*``) against vit_msa_nano.
+``--ablation dvt`` trains dvt_vit_nano's cascade and each of its exits alone (a one-grid cascade: no feature or relation reuse) and sets the cascade's budget curve (thresholds
 calibrated on val, swept on test) against every exit alone: the cheapest budget that reaches the exit's
 accuracy, and its MACs against the exit's.
 
@@ -160,7 +161,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if unknown:
         parser.error(f"--ablation {args.ablation} has no variant(s) {unknown}; it has {sorted(ablation)}")
     images = "all" if args.train_images is None else f"{args.train_images:,}"
-    work = args.work_dir.resolve() / f"{args.train_images or 'all'}x{args.epochs}-{args.settings}{'-demo_sizes' if args.demo_sizes else ''}"
+    sizes = "-demo_sizes" if args.demo_sizes else ""
+    work = args.work_dir.resolve() / f"{args.train_images or 'all'}x{args.epochs}-{args.settings}{sizes}"
     work.mkdir(parents=True, exist_ok=True)
     tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
     data_dir = build_demo_shards(work / "shards", profile)
