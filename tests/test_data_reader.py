@@ -231,6 +231,43 @@ def test_train_transform_random_augmentation_shapes(tmp_path):
         build_transform(24, train=True, in_chans=2)
 
 
+def test_uint8_transform_then_normalize_on_device_equals_the_normalised_transform(tmp_path):
+    """The training loader's form (uint8 out of the workers, normalised where the batch is) gives the same
+    tensors as timm's normalised transform, train (same random draws) and eval, RGB and greyscale."""
+    import random
+
+    from pipeline.data import NormalizeOnDevice
+
+    root = make_digits_shards(tmp_path / "digits", image_size=8)
+    manifest = read_manifest(root / "train")
+    for train, in_chans in [(True, 3), (True, 1), (False, 3)]:
+        batches = {}
+        for normalize in (True, False):
+            tf = build_transform(16, train=train, in_chans=in_chans, auto_augment="rand-m9-mstd0.5-inc1" if train else None,
+                                 normalize=normalize)  # fmt: skip
+            random.seed(0), np.random.seed(0), torch.manual_seed(0)  # timm's crops, RandAugment's ops, jitter
+            batches[normalize] = next(iter(build_loader(manifest, batch_size=16, train=train, transform=tf, num_workers=0)))[0]
+        assert batches[False].dtype == torch.uint8 and batches[True].dtype == torch.float32
+        assert torch.allclose(NormalizeOnDevice(in_chans)(batches[False]), batches[True], atol=1e-5), (train, in_chans)
+    with pytest.raises(TypeError, match="uint8"):
+        NormalizeOnDevice(3)(batches[True])
+
+
+def test_normalize_on_device_random_erasing():
+    """re_prob: that share of the images gets one zero rectangle (timm's const mode) of 2-33% of its area."""
+    import random
+
+    from pipeline.data import NormalizeOnDevice
+
+    random.seed(0)
+    pixels = torch.full((400, 3, 20, 20), 200, dtype=torch.uint8)  # normalised, nothing is exactly 0
+    erased = (NormalizeOnDevice(3, re_prob=0.25)(pixels) == 0).all(dim=1)
+    share = erased.flatten(1).float().mean(1)
+    assert 0.18 < (share > 0).float().mean() < 0.32
+    assert share[share > 0].min() >= 0.015 and share.max() <= 0.36  # 2-33%, sides rounded to whole pixels
+    assert not (NormalizeOnDevice(3)(pixels) == 0).any()
+
+
 def test_randaugment_top_magnitude_posterize_does_not_crash():
     from PIL import Image
 

@@ -14,11 +14,12 @@ from .reader import IGNORE_LABEL, ShardLoader, build_loader, plan_epoch
 from .samples import CorruptSampleError, ManifestMismatchError, ShardError
 from .shards import VerifyReport, build_shards, inspect_shards, verify_shards, write_dataset
 from .sources import FORMATS, SourceError
-from .transforms import build_transform
+from .transforms import NormalizeOnDevice, build_transform
 
 __all__ = [
     "FORMATS",
     "IGNORE_LABEL",
+    "NormalizeOnDevice",
     "CorruptSampleError",
     "DatasetManifest",
     "ManifestError",

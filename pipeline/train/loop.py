@@ -205,8 +205,10 @@ def _loader(config: TrainConfig, d: Dist, split: str, *, train: bool, world: boo
     from pipeline.data.transforms import build_transform
 
     data = config.data
+    # Training batches leave the loader as uint8 pixels: normalisation and random erasing run on the device
+    # (train_one_epoch), so the loader's CPUs decode and crop only, and move a quarter of the bytes.
     augment = dict(auto_augment=data.auto_augment, scale=tuple(data.crop_scale), hflip=data.hflip,
-                   color_jitter=data.color_jitter, re_prob=data.random_erasing)  # fmt: skip
+                   color_jitter=data.color_jitter, normalize=False)  # fmt: skip
     transform = build_transform(data.img_size, train=train, in_chans=data.in_chans,
                                 **(augment if train else {"crop_pct": eval_crop_pct(config)}))  # fmt: skip
     return build_loader(
@@ -351,10 +353,12 @@ def train_one_epoch(
     """
     from timm.utils import dispatch_clip_grad
 
+    from pipeline.data.transforms import NormalizeOnDevice
     from pipeline.train.distill import teacher_logits
 
     opt = config.optim
     state.ddp.train()
+    normalize = NormalizeOnDevice(config.data.in_chans, re_prob=config.data.random_erasing, device=d.device)
     mixup = _mixup(config)
     regularise = castling and config.method.castling.mask_reg_strength > 0
     steps = len(loader)
@@ -386,7 +390,10 @@ def train_one_epoch(
         last_of_group = i == group_start + group_size - 1
         if state.profiler is not None and i == group_start:
             state.profiler.before_step(state.global_step + 1)
-        images = images.to(d.device, non_blocking=True, memory_format=memory_format)
+        images = images.to(d.device, non_blocking=True)
+        if images.dtype == torch.uint8:  # the train loader's pixels (_loader); a float batch is normalised already
+            images = normalize(images)
+        images = images.contiguous(memory_format=memory_format)
         labels = labels.to(d.device, non_blocking=True)
         # Train batches hold label -1 only for corrupt samples skipped by the reader (skip_corrupt).
         valid = (labels != IGNORE_LABEL) if config.data.skip_corrupt else None
