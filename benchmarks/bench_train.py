@@ -24,6 +24,30 @@ large share of the CPU (measured here: +35% step time at equal CPU per step), so
 with ``RAY_worker_niceness=0`` and compares like with like; ``--ray-niceness 15`` shows Ray's default.
 Ray's local instance is started as ``vitpipe train`` starts it (with the dashboard, whose state API Ray
 Train's placement-group cleaner polls every second).
+
+GPU mode (``--gpu``): does the pipeline keep a GPU busy?
+
+    python -m benchmarks.bench_train --gpu           # one worker per GPU: vit_lsla_tiny on 224x224 JPEG shards
+    python -m benchmarks.bench_train --gpu --smoke   # the same code path on the CPU, shrunk (the test suite runs it)
+
+The run is configs/vit_lsla_tiny.yaml as a user runs it (bf16, torch.compile, RandAugment, mixup and
+cutmix, random erasing, EMA, nccl DDP, MLflow tracking with system metrics), on shards of generated 224x224
+JPEGs (10 classes of noisy coloured gratings, ~20 KB each, about what ImageNet photos resized to 224 weigh).
+Three tables:
+
+* *the loader alone*: rank 0's train loader with the recipe's transform and ``data.loader_workers`` workers,
+  no model: images/s, and CPU time per image (main process and workers). Two forms side by side: the
+  loop's (uint8 out of the workers, normalised and erased on the device) and the classic one (float,
+  normalised in the workers).
+* *training*: under Ray Train and under torchrun (same loop, same config), the last epoch's steady step time
+  split into data wait and compute (medians over the logging windows, from the MLflow run), images/s per GPU,
+  GPU and CPU utilisation (MLflow's system metrics over the same windows), peak memory, MFU. Targets: data
+  wait <= 5% of the step; Ray Train's step at most 5% above torchrun's.
+* *loader CPUs per GPU*: the CPUs a GPU's loader needs at the measured training speed (CPU time per image x
+  images/s per GPU), against the CPUs the node has per GPU. Decoding is a small share of a 224x224 JPEG's
+  loader cost (the crop, RandAugment and collation are the rest), so GPU decoding alone would not change it.
+
+Without a CUDA device (and without ``--smoke``) it says so and exits 0.
 """
 
 from __future__ import annotations
@@ -81,60 +105,86 @@ def make_config(args: argparse.Namespace, data: Path, storage: Path, workers: in
     return resolve_config(TrainConfig.from_dict(config)).to_dict()
 
 
-def run_ray(config: dict) -> dict:
-    """The loop in 2 Ray Train workers; Ray is started once by main()."""
+def run_ray(config: dict, run_id: str | None = None) -> dict:
+    """The loop in ``scaling.num_workers`` Ray Train workers; Ray is started once by the caller."""
     from pipeline.train.config import TrainConfig
     from pipeline.train.launcher import build_trainer
 
     start = time.perf_counter()
-    result = build_trainer(TrainConfig.from_dict(config), mlflow_run_id=None).fit()
+    result = build_trainer(TrainConfig.from_dict(config), mlflow_run_id=run_id).fit()
     return {**result.metrics, "wall_s": time.perf_counter() - start}
 
 
-def run_torchrun(config: dict, workers: int) -> dict:
+def run_torchrun(config: dict, workers: int, run_id: str | None = None) -> dict:
     """The loop in ``workers`` torchrun processes (this file's --worker mode)."""
     with tempfile.TemporaryDirectory() as tmp:
         config_path, out_path = Path(tmp, "config.json"), Path(tmp, "metrics.json")
-        config_path.write_text(json.dumps(config))
+        config_path.write_text(json.dumps({"config": config, "run_id": run_id}))
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={workers}",
                    "-m", "benchmarks.bench_train", "--worker", str(config_path), str(out_path)]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as Ray gives a 1-CPU worker (and torchrun's default)
         start = time.perf_counter()
-        subprocess.run(command, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
+        done = subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         wall = time.perf_counter() - start
+        if done.returncode:
+            raise RuntimeError(f"torchrun exited {done.returncode}; its last output:\n{done.stderr[-4000:]}")
         return {**json.loads(out_path.read_text()), "wall_s": wall}
 
 
 def torchrun_worker(config_path: str, out_path: str) -> None:
-    """Inside torchrun: Ray Train's local mode (num_workers=0) joins torchrun's gloo process group."""
+    """Inside torchrun: Ray Train's local mode (num_workers=0) joins torchrun's process group (nccl on GPUs)."""
     from pipeline.train.config import TrainConfig, apply_overrides
     from pipeline.train.launcher import build_trainer
 
-    config = TrainConfig.from_dict(apply_overrides(json.loads(Path(config_path).read_text()),
-                                                   {"scaling.num_workers": 0}))  # fmt: skip
-    result = build_trainer(config, mlflow_run_id=None).fit()
+    job = json.loads(Path(config_path).read_text())
+    config = TrainConfig.from_dict(apply_overrides(job["config"], {"scaling.num_workers": 0}))
+    result = build_trainer(config, mlflow_run_id=job["run_id"]).fit()
     if int(os.environ["RANK"]) == 0:
         Path(out_path).write_text(json.dumps(result.metrics))
 
 
-def main() -> None:
+# Per mode: the CPU comparison; the GPU mode; its CPU smoke run (seconds of work, the path exercised).
+DEFAULTS = {
+    "cpu": dict(images=8192, model="vit_msa_nano", batch_size=64, epochs=2, log_every=5, workers=2, rounds=2),
+    "gpu": dict(images=16384, model="vit_lsla_tiny", img_size=224, batch_size=128, epochs=3, log_every=10, rounds=1),
+    "smoke": dict(images=640, model="vit_lsla_nano", img_size=32, batch_size=32, epochs=2, log_every=2, workers=2,
+                  rounds=1, loader_workers=1),
+}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=8192)
-    parser.add_argument("--model", default="vit_msa_nano")
-    parser.add_argument("--depth", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=64, help="per worker")
-    parser.add_argument("--epochs", type=int, default=2, help="the last one is measured")
-    parser.add_argument("--log-every", type=int, default=5)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--images", type=int, help="default 8192 (GPU mode: 16384)")
+    parser.add_argument("--model", help="default vit_msa_nano (GPU mode: vit_lsla_tiny)")
+    parser.add_argument("--depth", type=int, default=4, help="CPU mode: the model's depth")
+    parser.add_argument("--batch-size", type=int, help="per worker: default 64 (GPU mode: 128)")
+    parser.add_argument("--epochs", type=int, help="the last one is measured: default 2 (GPU mode: 3)")
+    parser.add_argument("--log-every", type=int, help="optimizer steps per timing window: default 5 (GPU mode: 10)")
+    parser.add_argument("--workers", type=int, help="default 2 (GPU mode: every GPU)")
+    parser.add_argument("--rounds", type=int, help="default 2 (GPU mode: 1)")
     parser.add_argument("--ray-niceness", type=int, default=0, help="Ray's worker niceness (Ray's default: 15)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--gpu", action="store_true", help="GPU mode (see above)")
+    parser.add_argument("--smoke", action="store_true", help="with --gpu: its code path on the CPU, shrunk")
+    parser.add_argument("--loader-workers", type=int, help="GPU mode, per GPU: default the config's, at most the "
+                        "node's CPUs per GPU less one")  # fmt: skip
     parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "OUT"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.worker:
         torchrun_worker(*args.worker)
         return
+    if args.smoke and not args.gpu:
+        parser.error("--smoke is the GPU mode's: pass --gpu too")
+    for key, value in DEFAULTS["smoke" if args.smoke else "gpu" if args.gpu else "cpu"].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.gpu:
+        gpu_mode(args)
+    else:
+        cpu_mode(args)
 
+
+def cpu_mode(args: argparse.Namespace) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ["RAY_worker_niceness"] = str(args.ray_niceness)  # read by the raylet ray.init starts
     import ray
@@ -185,6 +235,232 @@ def main() -> None:
                       "images_per_s": train_images / m["train/step_time_s"], "wall_s": m["wall_s"]}
                   for k, m in best.items()},
             overhead=overhead, cpu_overhead=cpu_overhead, target_met=overhead <= 0.10), indent=2))
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU mode.
+
+
+def synthetic_images(count: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` RGB uint8 images of 10 classes: a coloured grating at the class's angle, over pixel noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, count)
+    images = np.empty((count, size, size, 3), np.uint8)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    noise = rng.normal(0, 16, (16, 2 * size, 2 * size, 3)).astype(np.float32)  # a pool, cropped at random
+    for start in range(0, count, 64):
+        for i in range(start, min(start + 64, count)):
+            angle = (labels[i] + rng.uniform(-0.3, 0.3)) * np.pi / 10
+            wave = np.sin(2 * np.pi * rng.uniform(3, 9) * (xx * np.cos(angle) + yy * np.sin(angle)) + rng.uniform(0, 7))
+            top, left = rng.integers(0, size, 2)
+            pixels = 128 + 100 * wave[..., None] * rng.uniform(0.2, 1.0, 3).astype(np.float32)
+            pixels += noise[rng.integers(16), top:top + size, left:left + size]
+            images[i] = np.clip(pixels, 0, 255)
+    return images, labels
+
+
+def build_jpeg_shards(root: Path, count: int, size: int) -> dict:
+    """Shards of ``count`` generated ``size``x``size`` JPEGs (5% carved out as val) under ``root``."""
+    from pipeline.data.shards import write_dataset
+    from pipeline.data.sources import ArraySource
+
+    start = time.perf_counter()
+    images, labels = synthetic_images(count, size)
+    source = ArraySource({"train": (images, labels)}, [f"grating_{c}" for c in range(10)],
+                         name=f"generated gratings {size}x{size}", encoding="jpeg")  # fmt: skip
+    write_dataset(source, root, samples_per_shard=1000, val_fraction=0.05, progress=False)
+    shard_bytes = sum(f.stat().st_size for f in root.glob("*/*.tar"))
+    return {"images": count, "img_size": size, "kb_per_image": shard_bytes / count / 1024,
+            "build_s": time.perf_counter() - start}  # fmt: skip
+
+
+def gpu_config(args: argparse.Namespace, data: Path, storage: Path, *, workers: int, loader_workers: int,
+               cpus_per_worker: float, tracking_uri: str) -> dict:  # fmt: skip
+    """configs/vit_lsla_tiny.yaml on the generated shards, shortened to ``--epochs`` without warm-up."""
+    from pipeline.train.config import TrainConfig, apply_overrides, read_yaml, resolve_config
+
+    base = read_yaml((REPO / "configs" / "vit_lsla_tiny.yaml").read_text())
+    overrides = {
+        "run_name": "bench-train-gpu", "storage_path": str(storage),
+        "data.train": str(data / "train"), "data.val": str(data / "val"), "data.test": None,
+        "data.img_size": args.img_size, "data.batch_size": args.batch_size, "data.loader_workers": loader_workers,
+        "model.name": args.model, "optim.epochs": args.epochs, "optim.warmup_epochs": 0,
+        "scaling.num_workers": workers, "scaling.use_gpu": not args.smoke, "scaling.cpus_per_worker": cpus_per_worker,
+        "scaling.timeout_s": 600, "checkpoint.every_steps": None, "max_failures": 0, "log_every": args.log_every,
+        "mlflow.tracking_uri": tracking_uri, "mlflow.experiment": "bench-train-gpu",
+        "mlflow.system_metrics_interval_s": 1.0,
+    }  # fmt: skip
+    if args.smoke:  # compiling takes minutes on a CPU; everything else is the GPU run's
+        overrides["compile"] = False
+    return resolve_config(TrainConfig.from_dict(apply_overrides(base, overrides))).to_dict()
+
+
+def loader_alone(config_dict: dict, world_size: int, rounds: int) -> dict:
+    """Rank 0's train loader with the recipe's transform, no model: the loop's uint8 form against the float
+    form (normalised and erased in the workers). Best epoch of ``rounds`` per form, alternating."""
+    import torch
+
+    from benchmarks.bench_data import run_epoch
+    from pipeline.data import build_loader, build_transform
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.loop import Dist, _loader
+
+    config = TrainConfig.from_dict(config_dict)
+    cuda = torch.cuda.is_available() and config.scaling.use_gpu
+    rank0 = Dist(0, world_size, torch.device("cuda" if cuda else "cpu"))
+    data = config.data
+    classic = build_transform(data.img_size, train=True, in_chans=data.in_chans, auto_augment=data.auto_augment,
+                              scale=tuple(data.crop_scale), hflip=data.hflip, color_jitter=data.color_jitter,
+                              re_prob=data.random_erasing)  # fmt: skip
+    forms = {
+        "uint8 (the loop's)": lambda epoch: _at_epoch(_loader(config, rank0, "train", train=True), epoch),
+        "float32, normalised in the workers": lambda epoch: build_loader(
+            data.train, batch_size=data.batch_size, rank=0, world_size=world_size, seed=config.optim.seed, epoch=epoch,
+            transform=classic, num_workers=data.loader_workers, shuffle_buffer=data.shuffle_buffer, pin_memory=cuda),
+    }  # fmt: skip
+    run_epoch(forms["uint8 (the loop's)"](0))  # warm-up: page cache, imports in fresh workers
+    epochs: dict[str, list[tuple[float, float, int]]] = {form: [] for form in forms}
+    for round_ in range(rounds):
+        for form, make in forms.items():
+            epochs[form].append(run_epoch(make(round_ + 1)))
+    steps = len(forms["uint8 (the loop's)"](0))
+    return {"steps_per_epoch": steps, "loader_workers": data.loader_workers, "pin_memory": cuda, "forms": {
+        form: {"images_per_s": max(n / wall for wall, _, n in runs), "cpu_ms_per_image": 1000 * min(c / n for _, c, n in runs)}
+        for form, runs in epochs.items()}}  # fmt: skip
+
+
+def _at_epoch(loader, epoch: int):
+    loader.set_epoch(epoch)
+    return loader
+
+
+def last_epoch_windows(tracking_uri: str, run_id: str, *, epochs: int, steps_per_epoch: int) -> dict:
+    """The last epoch's logging windows as the MLflow run holds them: median data-wait share of the step,
+    and the nodes' GPU and CPU utilisation (MLflow's system metrics) sampled between its first and last window."""
+    import re
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    first_step = (epochs - 1) * steps_per_epoch
+    step_s = {m.step: (m.timestamp, m.value) for m in client.get_metric_history(run_id, "train/step_time_s_step")
+              if m.step > first_step}  # fmt: skip
+    wait_s = {m.step: m.value for m in client.get_metric_history(run_id, "train/data_wait_s_step") if m.step in step_s}
+    shares = [wait_s[k] / step_s[k][1] for k in step_s if k in wait_s]
+    figures: dict = {"windows": len(shares), "data_wait_share": float(np.median(shares)) if shares else None}
+    stamps = sorted(t for t, _ in step_s.values())
+    for kind, pattern in (("gpu", r"system/.+/gpu_\d+_utilization_percentage"), ("cpu", r"system/.+/cpu_utilization_percentage")):
+        samples = [m.value for key in client.get_run(run_id).data.metrics if re.fullmatch(pattern, key)
+                   for m in client.get_metric_history(run_id, key) if stamps and stamps[0] <= m.timestamp <= stamps[-1]]  # fmt: skip
+        figures[f"{kind}_utilisation"] = float(np.mean(samples)) if samples else None
+    return figures
+
+
+def gpu_mode(args: argparse.Namespace) -> None:
+    import torch
+
+    if not args.smoke and not torch.cuda.is_available():
+        print("bench_train --gpu: no CUDA device here, nothing measured (--smoke runs its code path on the CPU)")
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ["RAY_worker_niceness"] = str(args.ray_niceness)
+    import ray
+
+    from pipeline import tracking
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.telemetry import peak_bf16_tflops
+
+    cpus = os.cpu_count() or 1
+    workers = args.workers or (2 if args.smoke else torch.cuda.device_count())
+    cpus_per_gpu = max(1, cpus // workers)
+    loader_workers = args.loader_workers or min(8, max(1, cpus_per_gpu - 1))
+    device = "CPU (smoke run: the figures mean nothing)" if args.smoke else torch.cuda.get_device_name(0)
+    with tempfile.TemporaryDirectory(prefix="bench_train_gpu_") as tmp:
+        root = Path(tmp)
+        shards = build_jpeg_shards(root / "data", args.images, args.img_size)
+        print(f"shards: {args.images} generated {args.img_size}x{args.img_size} JPEGs, {shards['kb_per_image']:.1f} KB "
+              f"each, built in {shards['build_s']:.0f} s", flush=True)  # fmt: skip
+        tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+        config = gpu_config(args, root / "data", root / "runs", workers=workers, loader_workers=loader_workers,
+                            cpus_per_worker=cpus_per_gpu, tracking_uri=tracking_uri)  # fmt: skip
+        loader = loader_alone(config, workers, rounds=2)
+        for form, figures in loader["forms"].items():
+            print(f"loader alone, {form}: {figures['images_per_s']:.0f} images/s, "
+                  f"{figures['cpu_ms_per_image']:.2f} CPU ms/image", flush=True)  # fmt: skip
+
+        ray.init(num_cpus=cpus, log_to_driver=False)
+        runs: dict[str, list[dict]] = {"torchrun DDP": [], "Ray Train": []}
+        for round_ in range(args.rounds):
+            for launcher in runs:
+                config["storage_path"] = str(root / "runs" / f"{launcher.split()[0]}-{round_}")
+                run_id, _ = tracking.open_run(tracking_uri, "bench-train-gpu", f"{launcher} {round_ + 1}",
+                                              params={}, tags={})  # fmt: skip
+                metrics = (run_torchrun(config, workers, run_id) if launcher == "torchrun DDP"
+                           else run_ray(config, run_id))  # fmt: skip
+                metrics.update(last_epoch_windows(tracking_uri, run_id, epochs=args.epochs,
+                                                  steps_per_epoch=loader["steps_per_epoch"]))  # fmt: skip
+                runs[launcher].append(metrics)
+                print(f"round {round_ + 1} {launcher:13s} step {1000 * metrics['train/step_time_s']:.1f} ms, "
+                      f"data wait {_percent(metrics['data_wait_share'])}, wall {metrics['wall_s']:.0f} s", flush=True)
+        ray.shutdown()
+
+    best = {k: min(v, key=lambda m: m["train/step_time_s"]) for k, v in runs.items()}
+    rows = {launcher: _gpu_row(m, args.batch_size) for launcher, m in best.items()}
+    ray_row, torchrun_row = rows["Ray Train"], rows["torchrun DDP"]
+    overhead = ray_row["step_ms"] / torchrun_row["step_ms"] - 1
+    uint8 = loader["forms"]["uint8 (the loop's)"]
+    cpus_needed = ray_row["images_per_s_per_gpu"] * uint8["cpu_ms_per_image"] / 1000
+    peak = peak_bf16_tflops(device)
+    precision = TrainConfig.from_dict(config).effective_precision
+
+    print(f"\n{device}: {workers} worker(s), {args.model} at {args.img_size}x{args.img_size}, batch {args.batch_size} "
+          f"per GPU, {precision}, compile {config['compile']}, loader workers per GPU: {loader_workers}, "
+          f"{cpus} CPUs; torch {torch.__version__} (CUDA {torch.version.cuda}), ray {ray.__version__}; "
+          f"last of {args.epochs} epochs, best of {args.rounds} round(s)\n")  # fmt: skip
+    print("| the loader alone (rank 0, recipe transform) | images/s | CPU ms per image |\n|---|---:|---:|")
+    for form, figures in loader["forms"].items():
+        print(f"| {form} | {figures['images_per_s']:.0f} | {figures['cpu_ms_per_image']:.2f} |")
+    print("\n| launcher | step (ms) | data wait (ms) | data wait share, steady | compute (ms) | images/s per GPU | "
+          "GPU util (%) | CPU util (%) | peak memory (GiB) | MFU |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for launcher, r in rows.items():
+        print(f"| {launcher} | {r['step_ms']:.1f} | {r['data_wait_ms']:.1f} | {_percent(r['data_wait_share'])} | "
+              f"{r['compute_ms']:.1f} | {r['images_per_s_per_gpu']:.0f} | {_number(r['gpu_utilisation'])} | "
+              f"{_number(r['cpu_utilisation'])} | {_number(r['peak_memory_gib'], '.1f')} | {_percent(r['mfu'])} |")
+    print(f"\nRay Train overhead, steady step time: {100 * overhead:+.1f}% (target <= +5%)")
+    share = ray_row["data_wait_share"]
+    print(f"data wait, Ray Train, steady: {_percent(share)} of the step (target <= 5%)")
+    print(f"loader CPUs per GPU at {ray_row['images_per_s_per_gpu']:.0f} images/s: {cpus_needed:.1f} (this node has "
+          f"{cpus_per_gpu} per GPU; {loader_workers} loader workers)")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps(dict(
+            device=device, smoke=args.smoke, workers=workers, model=args.model, img_size=args.img_size,
+            batch_size=args.batch_size, epochs=args.epochs, rounds=args.rounds, cpus=cpus, loader_workers=loader_workers,
+            torch=torch.__version__, cuda=torch.version.cuda, ray=ray.__version__, peak_bf16_tflops=peak,
+            precision=precision, compile=config["compile"], shards=shards, loader=loader, launchers=rows,
+            overhead=overhead, cpus_per_gpu_needed=cpus_needed, cpus_per_gpu=cpus_per_gpu,
+            targets_met={"ray_overhead_le_5pct": overhead <= 0.05,
+                         "data_wait_le_5pct": share is not None and share <= 0.05}), indent=2))  # fmt: skip
+
+
+def _gpu_row(metrics: dict, batch_size: int) -> dict:
+    step = metrics["train/step_time_s"]
+    return {
+        "step_ms": 1000 * step, "data_wait_ms": 1000 * metrics["train/data_wait_s"],
+        "compute_ms": 1000 * metrics["train/compute_s"], "data_wait_share": metrics["data_wait_share"],
+        "data_wait_share_epoch": metrics["train/data_wait_share"], "images_per_s_per_gpu": batch_size / step,
+        "gpu_utilisation": metrics["gpu_utilisation"], "cpu_utilisation": metrics["cpu_utilisation"],
+        "peak_memory_gib": metrics.get("train/peak_memory_gib"), "mfu": metrics.get("train/mfu"),
+        "tflops_per_gpu": metrics.get("train/tflops_per_worker"), "windows": metrics["windows"],
+        "wall_s": metrics["wall_s"],
+    }  # fmt: skip
+
+
+def _percent(share: float | None) -> str:
+    return "n/a" if share is None else f"{100 * share:.1f}%"
+
+
+def _number(value: float | None, spec: str = ".0f") -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 if __name__ == "__main__":
