@@ -166,6 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     parser.add_argument("--gpu", action="store_true", help="GPU mode (see above)")
     parser.add_argument("--smoke", action="store_true", help="with --gpu: its code path on the CPU, shrunk")
+    parser.add_argument("--loader-only", action="store_true", help="with --gpu: the shards and the loader alone, no "
+                        "training (no GPU needed): what one loader CPU delivers on this machine")  # fmt: skip
     parser.add_argument("--loader-workers", type=int, help="GPU mode, per GPU: default the config's, at most the "
                         "node's CPUs per GPU less one")  # fmt: skip
     parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "OUT"), help=argparse.SUPPRESS)
@@ -173,8 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         torchrun_worker(*args.worker)
         return
-    if args.smoke and not args.gpu:
-        parser.error("--smoke is the GPU mode's: pass --gpu too")
+    if (args.smoke or args.loader_only) and not args.gpu:
+        parser.error("--smoke and --loader-only are the GPU mode's: pass --gpu too")
     for key, value in DEFAULTS["smoke" if args.smoke else "gpu" if args.gpu else "cpu"].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -359,7 +361,7 @@ def last_epoch_windows(tracking_uri: str, run_id: str, *, epochs: int, steps_per
 def gpu_mode(args: argparse.Namespace) -> None:
     import torch
 
-    if not args.smoke and not torch.cuda.is_available():
+    if not (args.smoke or args.loader_only) and not torch.cuda.is_available():
         print("bench_train --gpu: no CUDA device here, nothing measured (--smoke runs its code path on the CPU)")
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -371,10 +373,12 @@ def gpu_mode(args: argparse.Namespace) -> None:
     from pipeline.train.telemetry import peak_bf16_tflops
 
     cpus = os.cpu_count() or 1
-    workers = args.workers or (2 if args.smoke else torch.cuda.device_count())
+    workers = args.workers or (torch.cuda.device_count() if torch.cuda.is_available() and not args.smoke else
+                               2 if args.smoke else 1)  # fmt: skip
     cpus_per_gpu = max(1, cpus // workers)
     loader_workers = args.loader_workers or min(8, max(1, cpus_per_gpu - 1))
-    device = "CPU (smoke run: the figures mean nothing)" if args.smoke else torch.cuda.get_device_name(0)
+    device = ("CPU (smoke run: the figures mean nothing)" if args.smoke else
+              torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench_train_gpu_") as tmp:
         root = Path(tmp)
         shards = build_jpeg_shards(root / "data", args.images, args.img_size)
@@ -387,6 +391,12 @@ def gpu_mode(args: argparse.Namespace) -> None:
         for form, figures in loader["forms"].items():
             print(f"loader alone, {form}: {figures['images_per_s']:.0f} images/s, "
                   f"{figures['cpu_ms_per_image']:.2f} CPU ms/image", flush=True)  # fmt: skip
+        if args.loader_only:
+            _print_loader(loader, shards, args, workers, loader_workers, cpus)
+            if args.json:
+                args.json.write_text(json.dumps(dict(loader_only=True, cpus=cpus, shards=shards, loader=loader,
+                                                     loader_workers=loader_workers), indent=2))  # fmt: skip
+            return
 
         ray.init(num_cpus=cpus, log_to_driver=False)
         runs: dict[str, list[dict]] = {"torchrun DDP": [], "Ray Train": []}
@@ -417,9 +427,7 @@ def gpu_mode(args: argparse.Namespace) -> None:
           f"per GPU, {precision}, compile {config['compile']}, loader workers per GPU: {loader_workers}, "
           f"{cpus} CPUs; torch {torch.__version__} (CUDA {torch.version.cuda}), ray {ray.__version__}; "
           f"last of {args.epochs} epochs, best of {args.rounds} round(s)\n")  # fmt: skip
-    print("| the loader alone (rank 0, recipe transform) | images/s | CPU ms per image |\n|---|---:|---:|")
-    for form, figures in loader["forms"].items():
-        print(f"| {form} | {figures['images_per_s']:.0f} | {figures['cpu_ms_per_image']:.2f} |")
+    _print_loader(loader, shards, args, workers, loader_workers, cpus)
     print("\n| launcher | step (ms) | data wait (ms) | data wait share, steady | compute (ms) | images/s per GPU | "
           "GPU util (%) | CPU util (%) | peak memory (GiB) | MFU |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for launcher, r in rows.items():
@@ -440,6 +448,16 @@ def gpu_mode(args: argparse.Namespace) -> None:
             overhead=overhead, cpus_per_gpu_needed=cpus_needed, cpus_per_gpu=cpus_per_gpu,
             targets_met={"ray_overhead_le_5pct": overhead <= 0.05,
                          "data_wait_le_5pct": share is not None and share <= 0.05}), indent=2))  # fmt: skip
+
+
+def _print_loader(loader: dict, shards: dict, args: argparse.Namespace, workers: int, loader_workers: int, cpus: int) -> None:
+    print(f"\nthe loader alone: rank 0 of {workers}, {loader_workers} loader workers, batch {args.batch_size}, "
+          f"{shards['kb_per_image']:.1f} KB JPEGs at {args.img_size}x{args.img_size}, configs/vit_lsla_tiny.yaml's "
+          f"train transform, {cpus} CPUs, best of 2 epochs\n")  # fmt: skip
+    print("| form | images/s | CPU ms per image (main process + workers) | images/s per loader CPU |\n|---|---:|---:|---:|")
+    for form, figures in loader["forms"].items():
+        print(f"| {form} | {figures['images_per_s']:.0f} | {figures['cpu_ms_per_image']:.2f} | "
+              f"{1000 / figures['cpu_ms_per_image']:.0f} |")  # fmt: skip
 
 
 def _gpu_row(metrics: dict, batch_size: int) -> dict:

@@ -3,12 +3,16 @@
 CPU autocast stands in for the GPU's (the same casting rules decide which ops run in low precision),
 and ``torch.compile(fullgraph=True)`` with the ``aot_eager`` backend traces forward and backward in
 seconds: a graph break anywhere is an error. Inductor's code generation is left to the benchmarks.
+
+On a GPU machine ``VITPIPE_TEST_DEVICE=cuda`` runs the same tests on the GPU, compiled with inductor
+(benchmarks/gpu_session.sh does).
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 
 import pytest
 import timm
@@ -21,6 +25,10 @@ from pipeline.models.layers.castling import mask_regularization
 from pipeline.train.build import classification_loss
 
 pytestmark = pytest.mark.timeout(300)
+DEVICE = torch.device(os.environ.get("VITPIPE_TEST_DEVICE", "cpu"))
+COMPILE_BACKEND = "inductor" if DEVICE.type == "cuda" else "aot_eager_decomp_partition"
+# Compiled against eager inference: aot_eager runs eager's kernels; inductor fuses and reorders float32 sums.
+COMPILED_TOLERANCE = dict(rtol=1e-3, atol=1e-4) if DEVICE.type == "cuda" else dict(rtol=1e-4, atol=1e-5)
 
 # One nano model per family: plain msa, hierarchical msa, LSLA (window and global), Castling (plain and
 # windowed), and every DVT cascade (softmax, LSLA, Castling, T2T tokenizer). Built with 10 classes.
@@ -28,7 +36,7 @@ def _family(name: str, **defaults):
     """A builder of the registered model ``name`` (10 classes); ``builder.__wrapped__(**overrides)`` changes its size."""
 
     def build(**overrides):
-        return timm.create_model(name, num_classes=10, **{**defaults, **overrides})
+        return timm.create_model(name, num_classes=10, **{**defaults, **overrides}).to(DEVICE)
 
     def builder():
         return build()
@@ -41,7 +49,7 @@ def _t2t_cascade():
     return DynamicVisionTransformer(
         img_size=224, num_classes=10, tokenizer="t2t", pos_embed="sinusoid", qkv_bias=False, embed_dim=64,
         depth=1, num_heads=2, mlp_ratio=2.0, t2t_token_dim=16,
-    )  # fmt: skip
+    ).to(DEVICE)  # fmt: skip
 
 
 FAMILIES = {
@@ -75,14 +83,15 @@ def fresh_dynamo():
 def autocast(precision: str | None):
     if precision is None:
         return contextlib.nullcontext()
-    return torch.autocast("cpu", dtype=LOW_PRECISION[precision])
+    return torch.autocast(DEVICE.type, dtype=LOW_PRECISION[precision])
 
 
 def inputs(model: torch.nn.Module, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     size = 224 if isinstance(model, DynamicVisionTransformer) and model.img_size == 224 else 32
     size = 16 if isinstance(model, HierarchicalViT) and model.img_size == (16, 16) else size
     g = torch.Generator().manual_seed(0)
-    return torch.randn(batch, 3, size, size, generator=g), torch.randint(0, 10, (batch,), generator=g)
+    x, y = torch.randn(batch, 3, size, size, generator=g), torch.randint(0, 10, (batch,), generator=g)
+    return x.to(DEVICE), y.to(DEVICE)
 
 
 def train_loss(model, x, y) -> torch.Tensor:
@@ -133,7 +142,7 @@ def test_trains_and_evaluates_in_bf16_fp16_and_fp32(family):
     assert all(g is not None for g in grads32.values()), [p for p, g in grads32.items() if g is None]
     bf16 = step(model, x, y, "bf16")
     assert_close_to_fp32(f"{family} bf16", *bf16, loss32, grads32)
-    fp16 = step(model, x, y, "fp16", torch.amp.GradScaler("cpu", init_scale=2.0**10))
+    fp16 = step(model, x, y, "fp16", torch.amp.GradScaler(DEVICE.type, init_scale=2.0**10))
     assert_close_to_fp32(f"{family} fp16", *fp16, loss32, grads32)
 
     model.eval()
@@ -164,7 +173,7 @@ KNOBS = [
 def tiny_lsla(knobs: dict) -> HierarchicalViT:
     """Two stages, the first with a shifted block, 16x16 input: every LSLA code path in milliseconds."""
     return HierarchicalViT(img_size=16, num_classes=10, embed_dim=8, depths=(2, 2), num_heads=(1, 2), window_size=2,
-                           drop_path_rate=0.0, attn="lsla", attn_kwargs=knobs)  # fmt: skip
+                           drop_path_rate=0.0, attn="lsla", attn_kwargs=knobs).to(DEVICE)  # fmt: skip
 
 
 def test_every_lsla_knob_combination_trains_in_bf16():
@@ -188,7 +197,7 @@ def compile_and_check(model, x, y):
     (the decomposed dropout draws other masks; the bf16 test above checks the numbers); inference is
     deterministic and must match eager.
     """
-    compiled = torch.compile(model, backend="aot_eager_decomp_partition", fullgraph=True)
+    compiled = torch.compile(model, backend=COMPILE_BACKEND, fullgraph=True)
     model.train()
     model.zero_grad(set_to_none=True)
     with autocast("bf16"):
@@ -200,7 +209,7 @@ def compile_and_check(model, x, y):
     model.eval()
     with torch.no_grad():
         for got, want in zip(exits(compiled(x)), exits(model(x))):
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got, want, **COMPILED_TOLERANCE)
     return compiled
 
 
@@ -229,7 +238,7 @@ def test_training_step_and_inference_compile_without_graph_breaks(family):
         model.switch_to_inference().eval()
         with torch.no_grad():
             for got, want in zip(exits(compiled(x)), exits(model(x))):
-                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(got, want, **COMPILED_TOLERANCE)
 
 
 @pytest.mark.parametrize("knobs", [KNOBS[0], KNOBS[6], KNOBS[8], KNOBS[13], KNOBS[-1]],
