@@ -146,7 +146,7 @@ def torchrun_worker(config_path: str, out_path: str) -> None:
 # Per mode: the CPU comparison; the GPU mode; its CPU smoke run (seconds of work, the path exercised).
 DEFAULTS = {
     "cpu": dict(images=8192, model="vit_msa_nano", batch_size=64, epochs=2, log_every=5, workers=2, rounds=2),
-    "gpu": dict(images=16384, model="vit_lsla_tiny", img_size=224, batch_size=128, epochs=3, log_every=10, rounds=1),
+    "gpu": dict(images=16384, model="vit_lsla_tiny", img_size=224, batch_size=128, epochs=2, rounds=1),
     "smoke": dict(images=640, model="vit_lsla_nano", img_size=32, batch_size=32, epochs=2, log_every=2, workers=2,
                   rounds=1, loader_workers=1),
 }  # fmt: skip
@@ -158,8 +158,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", help="default vit_msa_nano (GPU mode: vit_lsla_tiny)")
     parser.add_argument("--depth", type=int, default=4, help="CPU mode: the model's depth")
     parser.add_argument("--batch-size", type=int, help="per worker: default 64 (GPU mode: 128)")
-    parser.add_argument("--epochs", type=int, help="the last one is measured: default 2 (GPU mode: 3)")
-    parser.add_argument("--log-every", type=int, help="optimizer steps per timing window: default 5 (GPU mode: 10)")
+    parser.add_argument("--epochs", type=int, help="the last one is measured (the first compiles): default 2")
+    parser.add_argument("--log-every", type=int, help="optimizer steps per timing window: default 5 (GPU mode: "
+                        "about 8 windows per epoch, at most 10 steps each)")  # fmt: skip
     parser.add_argument("--workers", type=int, help="default 2 (GPU mode: every GPU)")
     parser.add_argument("--rounds", type=int, help="default 2 (GPU mode: 1)")
     parser.add_argument("--ray-niceness", type=int, default=0, help="Ray's worker niceness (Ray's default: 15)")
@@ -377,6 +378,8 @@ def gpu_mode(args: argparse.Namespace) -> None:
                                2 if args.smoke else 1)  # fmt: skip
     cpus_per_gpu = max(1, cpus // workers)
     loader_workers = args.loader_workers or min(8, max(1, cpus_per_gpu - 1))
+    if args.log_every is None:  # about 8 timing windows in the measured epoch, of at most 10 steps
+        args.log_every = max(1, min(10, int(args.images * 0.95) // (workers * args.batch_size) // 8))
     device = ("CPU (smoke run: the figures mean nothing)" if args.smoke else
               torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench_train_gpu_") as tmp:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check in one go, for a short loan of a GPU machine (about 9 minutes on one H100/H200):
+# Every GPU check in one go, for a short loan of a GPU machine (at most 9.5 minutes: one device command):
 #   1. the environment (nvidia-smi, torch, CUDA);
 #   2. make bench-gpu's benchmark, --quick (the papers' speed claims; under 2 minutes);
 #   3. bench_train --gpu (does the pipeline keep the GPU busy: data wait, Ray Train vs torchrun, loader CPUs);
@@ -32,9 +32,9 @@ step() {  # step NAME SECONDS COMMAND...: run it under a time limit, log to $OUT
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-step bench_gpu 170 "$PYTHON" -m benchmarks.bench_gpu --quick --json "$OUT/bench_gpu.json"
-step bench_train_gpu 330 "$PYTHON" -m benchmarks.bench_train --gpu --json "$OUT/bench_train_gpu.json"
-VITPIPE_TEST_DEVICE=cuda step gpu_tests 240 "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_precision_compile.py
+step bench_gpu 130 "$PYTHON" -m benchmarks.bench_gpu --quick --json "$OUT/bench_gpu.json"
+step bench_train_gpu 290 "$PYTHON" -m benchmarks.bench_train --gpu --json "$OUT/bench_train_gpu.json"
+VITPIPE_TEST_DEVICE=cuda step gpu_tests 140 "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_precision_compile.py
 
 for log in bench_gpu bench_train_gpu; do
     echo "--- $log (tables)"
