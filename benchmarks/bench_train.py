@@ -32,7 +32,7 @@ GPU mode (``--gpu``): does the pipeline keep a GPU busy?
 
 The run is configs/vit_lsla_tiny.yaml as a user runs it (bf16, torch.compile, RandAugment, mixup and
 cutmix, random erasing, EMA, nccl DDP, MLflow tracking with system metrics), on shards of generated 224x224
-JPEGs (10 classes of noisy coloured gratings, ~20 KB each, about what ImageNet photos resized to 224 weigh).
+JPEGs (10 classes of noisy coloured gratings, ~26 KB each, about what ImageNet photos resized to 224 weigh).
 Three tables:
 
 * *the loader alone*: rank 0's train loader with the recipe's transform and ``data.loader_workers`` workers,
@@ -115,19 +115,25 @@ def run_ray(config: dict, run_id: str | None = None) -> dict:
     return {**result.metrics, "wall_s": time.perf_counter() - start}
 
 
-def run_torchrun(config: dict, workers: int, run_id: str | None = None) -> dict:
-    """The loop in ``workers`` torchrun processes (this file's --worker mode)."""
+def run_torchrun(config: dict, workers: int, run_id: str | None = None, *, log: Path | None = None,
+                 timeout_s: float | None = None) -> dict:  # fmt: skip
+    """The loop in ``workers`` torchrun processes (this file's --worker mode); their output goes to ``log``
+    as it comes when given, else only the end of it is shown, if they fail."""
     with tempfile.TemporaryDirectory() as tmp:
         config_path, out_path = Path(tmp, "config.json"), Path(tmp, "metrics.json")
         config_path.write_text(json.dumps({"config": config, "run_id": run_id}))
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={workers}",
                    "-m", "benchmarks.bench_train", "--worker", str(config_path), str(out_path)]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as Ray gives a 1-CPU worker (and torchrun's default)
+        output = log or Path(tmp, "torchrun.log")
+        output.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        done = subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        with output.open("w") as sink:
+            done = subprocess.run(command, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT, timeout=timeout_s)
         wall = time.perf_counter() - start
         if done.returncode:
-            raise RuntimeError(f"torchrun exited {done.returncode}; its last output:\n{done.stderr[-4000:]}")
+            raise RuntimeError(f"torchrun exited {done.returncode}; the end of its output ({output}):\n"
+                               f"{output.read_text()[-4000:]}")  # fmt: skip
         return {**json.loads(out_path.read_text()), "wall_s": wall}
 
 
@@ -169,8 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="with --gpu: its code path on the CPU, shrunk")
     parser.add_argument("--loader-only", action="store_true", help="with --gpu: the shards and the loader alone, no "
                         "training (no GPU needed): what one loader CPU delivers on this machine")  # fmt: skip
-    parser.add_argument("--loader-workers", type=int, help="GPU mode, per GPU: default the config's, at most the "
-                        "node's CPUs per GPU less one")  # fmt: skip
+    parser.add_argument("--loader-workers", type=int, help="GPU mode, per GPU: default the node's CPUs per GPU less one")
+    parser.add_argument("--logs", type=Path, help="GPU mode: write torchrun's output here as it runs (a run that hangs "
+                        "or is killed leaves what it printed)")  # fmt: skip
     parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -244,36 +251,57 @@ def cpu_mode(args: argparse.Namespace) -> None:
 # GPU mode.
 
 
-def synthetic_images(count: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``count`` RGB uint8 images of 10 classes: a coloured grating at the class's angle, over pixel noise."""
-    rng = np.random.default_rng(seed)
+def synthetic_jpegs(chunk: int, count: int, size: int) -> tuple[list[bytes], list[int]]:
+    """Chunk ``chunk`` of the generated images: ``count`` JPEGs (quality 90) of 10 classes, each a coloured
+    grating at its class's angle over pixel noise; seeded by the chunk, so any process makes the same."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng([0, chunk])
     labels = rng.integers(0, 10, count)
-    images = np.empty((count, size, size, 3), np.uint8)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    noise = rng.normal(0, 16, (16, 2 * size, 2 * size, 3)).astype(np.float32)  # a pool, cropped at random
-    for start in range(0, count, 64):
-        for i in range(start, min(start + 64, count)):
-            angle = (labels[i] + rng.uniform(-0.3, 0.3)) * np.pi / 10
-            wave = np.sin(2 * np.pi * rng.uniform(3, 9) * (xx * np.cos(angle) + yy * np.sin(angle)) + rng.uniform(0, 7))
-            top, left = rng.integers(0, size, 2)
-            pixels = 128 + 100 * wave[..., None] * rng.uniform(0.2, 1.0, 3).astype(np.float32)
-            pixels += noise[rng.integers(16), top:top + size, left:left + size]
-            images[i] = np.clip(pixels, 0, 255)
-    return images, labels
+    noise = rng.normal(0, 16, (4, 2 * size, 2 * size, 3)).astype(np.float32)  # a pool, cropped at random
+    encoded = []
+    for label in labels:
+        angle = (label + rng.uniform(-0.3, 0.3)) * np.pi / 10
+        wave = np.sin(2 * np.pi * rng.uniform(3, 9) * (xx * np.cos(angle) + yy * np.sin(angle)) + rng.uniform(0, 7))
+        top, left = rng.integers(0, size, 2)
+        pixels = 128 + 100 * wave[..., None] * rng.uniform(0.2, 1.0, 3).astype(np.float32)
+        pixels += noise[rng.integers(4), top:top + size, left:left + size]
+        buffer = io.BytesIO()
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+        encoded.append(buffer.getvalue())
+    return encoded, labels.tolist()
 
 
-def build_jpeg_shards(root: Path, count: int, size: int) -> dict:
-    """Shards of ``count`` generated ``size``x``size`` JPEGs (5% carved out as val) under ``root``."""
+def build_jpeg_shards(root: Path, count: int, size: int, processes: int) -> dict:
+    """Shards of ``count`` generated ``size``x``size`` JPEGs (5% carved out as val) under ``root``; the
+    images are made in ``processes`` processes."""
+    from concurrent.futures import ProcessPoolExecutor
+
     from pipeline.data.shards import write_dataset
-    from pipeline.data.sources import ArraySource
+    from pipeline.data.sources import Example, Source
 
     start = time.perf_counter()
-    images, labels = synthetic_images(count, size)
-    source = ArraySource({"train": (images, labels)}, [f"grating_{c}" for c in range(10)],
-                         name=f"generated gratings {size}x{size}", encoding="jpeg")  # fmt: skip
-    write_dataset(source, root, samples_per_shard=1000, val_fraction=0.05, progress=False)
-    shard_bytes = sum(f.stat().st_size for f in root.glob("*/*.tar"))
-    return {"images": count, "img_size": size, "kb_per_image": shard_bytes / count / 1024,
+    chunks = [min(512, count - first) for first in range(0, count, 512)]
+    with ProcessPoolExecutor(max(1, processes)) as pool:
+        parts = list(pool.map(synthetic_jpegs, range(len(chunks)), chunks, [size] * len(chunks)))
+    encoded = [data for part, _ in parts for data in part]
+    labels = [label for _, part in parts for label in part]
+
+    class Generated(Source):
+        name, format, classes = f"generated gratings {size}x{size}", "generated", tuple(f"grating_{c}" for c in range(10))
+
+        def split_sizes(self) -> dict[str, int]:
+            return {"train": count}
+
+        def examples(self, split: str, rng: np.random.Generator):
+            for i in rng.permutation(count):
+                yield Example(int(i), encoded[i], "jpg", labels[i], "RGB", (size, size))
+
+    write_dataset(Generated(), root, samples_per_shard=1000, val_fraction=0.05, progress=False)
+    return {"images": count, "img_size": size, "kb_per_image": sum(map(len, encoded)) / count / 1024,
             "build_s": time.perf_counter() - start}  # fmt: skip
 
 
@@ -289,9 +317,9 @@ def gpu_config(args: argparse.Namespace, data: Path, storage: Path, *, workers: 
         "data.img_size": args.img_size, "data.batch_size": args.batch_size, "data.loader_workers": loader_workers,
         "model.name": args.model, "optim.epochs": args.epochs, "optim.warmup_epochs": 0,
         "scaling.num_workers": workers, "scaling.use_gpu": not args.smoke, "scaling.cpus_per_worker": cpus_per_worker,
-        "scaling.timeout_s": 600, "checkpoint.every_steps": None, "max_failures": 0, "log_every": args.log_every,
+        "scaling.timeout_s": 600, "scaling.resource_wait_s": 60, "checkpoint.every_steps": None, "max_failures": 0, "log_every": args.log_every,
         "mlflow.tracking_uri": tracking_uri, "mlflow.experiment": "bench-train-gpu",
-        "mlflow.system_metrics_interval_s": 1.0,
+        "mlflow.system_metrics_interval_s": 1.0, "mlflow.log_model": False,  # after the measured epoch: time only
     }  # fmt: skip
     if args.smoke:  # compiling takes minutes on a CPU; everything else is the GPU run's
         overrides["compile"] = False
@@ -300,7 +328,8 @@ def gpu_config(args: argparse.Namespace, data: Path, storage: Path, *, workers: 
 
 def loader_alone(config_dict: dict, world_size: int, rounds: int) -> dict:
     """Rank 0's train loader with the recipe's transform, no model: the loop's uint8 form against the float
-    form (normalised and erased in the workers). Best epoch of ``rounds`` per form, alternating."""
+    form (normalised and erased in the workers). Best epoch of ``rounds`` per form, alternating (no warm-up:
+    the shards were just written, so they are in the page cache)."""
     import torch
 
     from benchmarks.bench_data import run_epoch
@@ -321,7 +350,6 @@ def loader_alone(config_dict: dict, world_size: int, rounds: int) -> dict:
             data.train, batch_size=data.batch_size, rank=0, world_size=world_size, seed=config.optim.seed, epoch=epoch,
             transform=classic, num_workers=data.loader_workers, shuffle_buffer=data.shuffle_buffer, pin_memory=cuda),
     }  # fmt: skip
-    run_epoch(forms["uint8 (the loop's)"](0))  # warm-up: page cache, imports in fresh workers
     epochs: dict[str, list[tuple[float, float, int]]] = {form: [] for form in forms}
     for round_ in range(rounds):
         for form, make in forms.items():
@@ -337,24 +365,38 @@ def _at_epoch(loader, epoch: int):
     return loader
 
 
-def last_epoch_windows(tracking_uri: str, run_id: str, *, epochs: int, steps_per_epoch: int) -> dict:
-    """The last epoch's logging windows as the MLflow run holds them: median data-wait share of the step,
-    and the nodes' GPU and CPU utilisation (MLflow's system metrics) sampled between its first and last window."""
+def last_epoch_windows(tracking_uri: str, run_id: str, *, epochs: int, steps_per_epoch: int,
+                       sample_interval_s: float) -> dict:  # fmt: skip
+    """The last epoch's logging windows as the MLflow run holds them (rank 0's): medians of the step's data
+    wait, compute, data-wait share and MFU; and the nodes' GPU and CPU utilisation, MLflow's system metrics
+    sampled wholly inside the span of those windows (a sample covers the interval before its timestamp)."""
     import re
 
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
     first_step = (epochs - 1) * steps_per_epoch
-    step_s = {m.step: (m.timestamp, m.value) for m in client.get_metric_history(run_id, "train/step_time_s_step")
-              if m.step > first_step}  # fmt: skip
-    wait_s = {m.step: m.value for m in client.get_metric_history(run_id, "train/data_wait_s_step") if m.step in step_s}
-    shares = [wait_s[k] / step_s[k][1] for k in step_s if k in wait_s]
-    figures: dict = {"windows": len(shares), "data_wait_share": float(np.median(shares)) if shares else None}
+
+    def last_epoch(key: str) -> dict[int, tuple[int, float]]:
+        return {m.step: (m.timestamp, m.value) for m in client.get_metric_history(run_id, key) if m.step > first_step}
+
+    step_s, wait_s = last_epoch("train/step_time_s_step"), last_epoch("train/data_wait_s_step")
+    compute_s, mfu = last_epoch("train/compute_s_step"), last_epoch("train/mfu_step")
+    windows = sorted(set(step_s) & set(wait_s))
+
+    def median(values: list[float]) -> float | None:
+        return float(np.median(values)) if values else None
+
+    figures: dict = {
+        "windows": len(windows), "data_wait_share": median([wait_s[k][1] / step_s[k][1] for k in windows]),
+        "data_wait_s": median([wait_s[k][1] for k in windows]), "compute_s": median([v for _, v in compute_s.values()]),
+        "mfu": median([v for _, v in mfu.values()]),
+    }  # fmt: skip
     stamps = sorted(t for t, _ in step_s.values())
+    keys = list(client.get_run(run_id).data.metrics)
     for kind, pattern in (("gpu", r"system/.+/gpu_\d+_utilization_percentage"), ("cpu", r"system/.+/cpu_utilization_percentage")):
-        samples = [m.value for key in client.get_run(run_id).data.metrics if re.fullmatch(pattern, key)
-                   for m in client.get_metric_history(run_id, key) if stamps and stamps[0] <= m.timestamp <= stamps[-1]]  # fmt: skip
+        samples = [m.value for key in keys if re.fullmatch(pattern, key) for m in client.get_metric_history(run_id, key)
+                   if stamps and stamps[0] <= m.timestamp - 1000 * sample_interval_s and m.timestamp <= stamps[-1]]  # fmt: skip
         figures[f"{kind}_utilisation"] = float(np.mean(samples)) if samples else None
     return figures
 
@@ -373,18 +415,18 @@ def gpu_mode(args: argparse.Namespace) -> None:
     from pipeline.train.config import TrainConfig
     from pipeline.train.telemetry import peak_bf16_tflops
 
-    cpus = os.cpu_count() or 1
+    cpus = len(os.sched_getaffinity(0))
     workers = args.workers or (torch.cuda.device_count() if torch.cuda.is_available() and not args.smoke else
                                2 if args.smoke else 1)  # fmt: skip
     cpus_per_gpu = max(1, cpus // workers)
-    loader_workers = args.loader_workers or min(8, max(1, cpus_per_gpu - 1))
+    loader_workers = args.loader_workers or max(1, cpus_per_gpu - 1)  # one CPU for the training process
     if args.log_every is None:  # about 8 timing windows in the measured epoch, of at most 10 steps
         args.log_every = max(1, min(10, int(args.images * 0.95) // (workers * args.batch_size) // 8))
     device = ("CPU (smoke run: the figures mean nothing)" if args.smoke else
               torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench_train_gpu_") as tmp:
         root = Path(tmp)
-        shards = build_jpeg_shards(root / "data", args.images, args.img_size)
+        shards = build_jpeg_shards(root / "data", args.images, args.img_size, processes=cpus)
         print(f"shards: {args.images} generated {args.img_size}x{args.img_size} JPEGs, {shards['kb_per_image']:.1f} KB "
               f"each, built in {shards['build_s']:.0f} s", flush=True)  # fmt: skip
         tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -401,20 +443,23 @@ def gpu_mode(args: argparse.Namespace) -> None:
                                                      loader_workers=loader_workers), indent=2))  # fmt: skip
             return
 
-        ray.init(num_cpus=cpus, log_to_driver=False)
+        ray.init(num_cpus=cpus, log_to_driver=not args.smoke)  # on a GPU node its workers' lines are the log
         runs: dict[str, list[dict]] = {"torchrun DDP": [], "Ray Train": []}
         for round_ in range(args.rounds):
             for launcher in runs:
                 config["storage_path"] = str(root / "runs" / f"{launcher.split()[0]}-{round_}")
                 run_id, _ = tracking.open_run(tracking_uri, "bench-train-gpu", f"{launcher} {round_ + 1}",
                                               params={}, tags={})  # fmt: skip
-                metrics = (run_torchrun(config, workers, run_id) if launcher == "torchrun DDP"
+                log = args.logs / f"torchrun-{round_ + 1}.log" if args.logs else None
+                metrics = (run_torchrun(config, workers, run_id, log=log, timeout_s=900) if launcher == "torchrun DDP"
                            else run_ray(config, run_id))  # fmt: skip
-                metrics.update(last_epoch_windows(tracking_uri, run_id, epochs=args.epochs,
-                                                  steps_per_epoch=loader["steps_per_epoch"]))  # fmt: skip
+                metrics["windows"] = last_epoch_windows(tracking_uri, run_id, epochs=args.epochs,
+                                                        steps_per_epoch=loader["steps_per_epoch"],
+                                                        sample_interval_s=config["mlflow"]["system_metrics_interval_s"])
                 runs[launcher].append(metrics)
                 print(f"round {round_ + 1} {launcher:13s} step {1000 * metrics['train/step_time_s']:.1f} ms, "
-                      f"data wait {_percent(metrics['data_wait_share'])}, wall {metrics['wall_s']:.0f} s", flush=True)
+                      f"data wait {_percent(metrics['windows']['data_wait_share'])}, wall {metrics['wall_s']:.0f} s",
+                      flush=True)  # fmt: skip
         ray.shutdown()
 
     best = {k: min(v, key=lambda m: m["train/step_time_s"]) for k, v in runs.items()}
@@ -422,7 +467,11 @@ def gpu_mode(args: argparse.Namespace) -> None:
     ray_row, torchrun_row = rows["Ray Train"], rows["torchrun DDP"]
     overhead = ray_row["step_ms"] / torchrun_row["step_ms"] - 1
     uint8 = loader["forms"]["uint8 (the loop's)"]
+    # At the measured speed; a GPU the loader starves runs faster when fed: its speed over its busy share.
     cpus_needed = ray_row["images_per_s_per_gpu"] * uint8["cpu_ms_per_image"] / 1000
+    busy = (ray_row["gpu_utilisation"] or 0) / 100
+    full_speed = ray_row["images_per_s_per_gpu"] / busy if busy > 0 else None
+    cpus_needed_full = None if full_speed is None else full_speed * uint8["cpu_ms_per_image"] / 1000
     peak = peak_bf16_tflops(device)
     precision = TrainConfig.from_dict(config).effective_precision
 
@@ -442,13 +491,17 @@ def gpu_mode(args: argparse.Namespace) -> None:
     print(f"data wait, Ray Train, steady: {_percent(share)} of the step (target <= 5%)")
     print(f"loader CPUs per GPU at {ray_row['images_per_s_per_gpu']:.0f} images/s: {cpus_needed:.1f} (this node has "
           f"{cpus_per_gpu} per GPU; {loader_workers} loader workers)")  # fmt: skip
+    if full_speed is not None:
+        print(f"at the GPU's full speed (images/s over its {100 * busy:.0f}% busy share: {full_speed:.0f} images/s): "
+              f"{cpus_needed_full:.1f} loader CPUs per GPU")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(dict(
             device=device, smoke=args.smoke, workers=workers, model=args.model, img_size=args.img_size,
             batch_size=args.batch_size, epochs=args.epochs, rounds=args.rounds, cpus=cpus, loader_workers=loader_workers,
             torch=torch.__version__, cuda=torch.version.cuda, ray=ray.__version__, peak_bf16_tflops=peak,
             precision=precision, compile=config["compile"], shards=shards, loader=loader, launchers=rows,
-            overhead=overhead, cpus_per_gpu_needed=cpus_needed, cpus_per_gpu=cpus_per_gpu,
+            overhead=overhead, cpus_per_gpu_needed=cpus_needed, cpus_per_gpu_needed_at_full_speed=cpus_needed_full,
+            cpus_per_gpu=cpus_per_gpu,
             targets_met={"ray_overhead_le_5pct": overhead <= 0.05,
                          "data_wait_le_5pct": share is not None and share <= 0.05}), indent=2))  # fmt: skip
 
@@ -464,15 +517,18 @@ def _print_loader(loader: dict, shards: dict, args: argparse.Namespace, workers:
 
 
 def _gpu_row(metrics: dict, batch_size: int) -> dict:
-    step = metrics["train/step_time_s"]
+    """One launcher's figures: the steady ones (medians over the last epoch's windows) where the MLflow run
+    has them, else the epoch's (which include the loader's start)."""
+    w, step = metrics["windows"], metrics["train/step_time_s"]
+    wait = w["data_wait_s"] if w["data_wait_s"] is not None else metrics["train/data_wait_s"]
+    compute = w["compute_s"] if w["compute_s"] is not None else metrics["train/compute_s"]
     return {
-        "step_ms": 1000 * step, "data_wait_ms": 1000 * metrics["train/data_wait_s"],
-        "compute_ms": 1000 * metrics["train/compute_s"], "data_wait_share": metrics["data_wait_share"],
-        "data_wait_share_epoch": metrics["train/data_wait_share"], "images_per_s_per_gpu": batch_size / step,
-        "gpu_utilisation": metrics["gpu_utilisation"], "cpu_utilisation": metrics["cpu_utilisation"],
-        "peak_memory_gib": metrics.get("train/peak_memory_gib"), "mfu": metrics.get("train/mfu"),
-        "tflops_per_gpu": metrics.get("train/tflops_per_worker"), "windows": metrics["windows"],
-        "wall_s": metrics["wall_s"],
+        "step_ms": 1000 * step, "data_wait_ms": 1000 * wait, "compute_ms": 1000 * compute,
+        "data_wait_share": w["data_wait_share"], "data_wait_share_epoch": metrics["train/data_wait_share"],
+        "images_per_s_per_gpu": batch_size / step, "gpu_utilisation": w["gpu_utilisation"],
+        "cpu_utilisation": w["cpu_utilisation"], "peak_memory_gib": metrics.get("train/peak_memory_gib"),
+        "mfu": w["mfu"] if w["mfu"] is not None else metrics.get("train/mfu"),
+        "tflops_per_gpu": metrics.get("train/tflops_per_worker"), "windows": w["windows"], "wall_s": metrics["wall_s"],
     }  # fmt: skip
 
 

@@ -52,6 +52,9 @@ BENCHMARKS = [
     Benchmark("data224", "data", "Data reader against ImageFolder and the in-memory ceiling, 224x224",
               ("--img-size", "224", "--images", "4000", "--rounds", "5"), ("--img-size", "224", "--images", "1000")),
     Benchmark("train", "train", "Ray Train against torchrun", (), ("--images", "4096", "--rounds", "1")),
+    Benchmark("loader224", "train", "The training loader alone at 224x224 JPEG (bench_train --gpu --loader-only)",
+              ("--gpu", "--loader-only", "--images", "8192", "--loader-workers", "2"),
+              ("--gpu", "--loader-only", "--images", "1024", "--loader-workers", "2")),
     Benchmark("accuracy", "accuracy", "Accuracy on Fashion-MNIST at equal training budget", (),
               ("--train-images", "3000", "--epochs", "1")),
 ]
@@ -216,6 +219,15 @@ def summarise_train(d: dict) -> list[tuple]:
     return [("training", f"Ray Train ({d['workers']} workers) step time over torchrun DDP",
              f"{100 * d['overhead']:+.1f}% (CPU per step {100 * d['cpu_overhead']:+.1f}%)", "<= +10%",
              verdict(d["target_met"]))]  # fmt: skip
+
+
+def summarise_loader224(d: dict) -> list[tuple]:
+    uint8, classic = d["loader"]["forms"]["uint8 (the loop's)"], d["loader"]["forms"]["float32, normalised in the workers"]
+    return [("data", f"train loader at 224x224 JPEG ({d['loader_workers']} workers): uint8 form over float form",
+             f"{uint8['images_per_s'] / classic['images_per_s']:.2f}x images/s "
+             f"({classic['cpu_ms_per_image'] / uint8['cpu_ms_per_image']:.2f}x in CPU per image)", "reported", ""),
+            ("data", "train loader at 224x224 JPEG: images/s per loader CPU (uint8 form)",
+             f"{1000 / uint8['cpu_ms_per_image']:.0f}", "reported", "")]  # fmt: skip
 
 
 def summarise_accuracy(d: dict) -> list[tuple]:

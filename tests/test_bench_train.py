@@ -25,18 +25,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_generated_jpeg_shards_are_jpegs_of_the_asked_size_and_learnable_classes(tmp_path):
-    facts = bench_train.build_jpeg_shards(tmp_path / "data", 200, 48)
+    facts = bench_train.build_jpeg_shards(tmp_path / "data", 1100, 48, processes=2)
     manifest = read_manifest(tmp_path / "data" / "train")
-    assert manifest.image.formats == {"jpg": manifest.num_samples} and manifest.num_samples == 190  # 5% is val
+    assert manifest.image.formats == {"jpg": manifest.num_samples} and manifest.num_samples == 1045  # 5% is val
     assert manifest.image.width.max == manifest.image.width.min == 48 and manifest.image_mode == "RGB"
     assert manifest.num_classes == 10 and 1 < facts["kb_per_image"] < 20
-    images, labels = next(iter(build_loader(manifest, batch_size=190, train=False, num_workers=0)))
+    images, labels = next(iter(build_loader(manifest, batch_size=1045, train=False, num_workers=0)))
     # The class is the grating's angle: images of one class are nearer each other than images of two classes.
     flat = images.flatten(1) - images.flatten(1).mean(1, keepdim=True)
     flat = flat / flat.norm(dim=1, keepdim=True)
     same = labels[:, None] == labels[None, :]
     similarity = (flat @ flat.T).abs()
-    assert similarity[same & ~torch.eye(190, dtype=torch.bool)].mean() > similarity[~same].mean() + 0.05
+    assert similarity[same & ~torch.eye(1045, dtype=torch.bool)].mean() > similarity[~same].mean() + 0.05
 
 
 @pytest.mark.timeout(420)

@@ -370,16 +370,3 @@ def test_bad_sources_give_clear_errors(tmp_path, digits):
     with pytest.raises(ManifestError):
         read_manifest(tmp_path / "o")
 
-
-def test_array_source_stores_png_losslessly_or_jpeg_and_names_a_bad_encoding(tmp_path):
-    from pipeline.data.shards import write_dataset
-    from pipeline.data.sources import ArraySource
-
-    rng = np.random.default_rng(0)
-    images, labels = rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8), np.arange(12) % 3
-    for encoding, ext in (("png", "png"), ("jpeg", "jpg")):
-        source = ArraySource({"train": (images, labels)}, ["a", "b", "c"], name="noise", encoding=encoding)
-        write_dataset(source, tmp_path / encoding, val_fraction=0.0, progress=False)
-        assert read_manifest(tmp_path / encoding / "train").image.formats == {ext: 12}
-    with pytest.raises(SourceError, match="encoding must be png or jpeg, got 'webp'"):
-        ArraySource({"train": (images, labels)}, ["a", "b", "c"], name="noise", encoding="webp")

@@ -587,3 +587,42 @@ def test_a_run_repeats_exactly_under_the_same_seed(tiny_config):
     first = losses("first", seed=0)
     assert losses("again", seed=0) == first
     assert losses("other", seed=1) != first
+
+
+def test_held_epoch_metrics_wait_for_their_checkpoint_when_rays_wait_times_out(monkeypatch):
+    """Ray's get_all_reported_checkpoints answers a timed-out wait with the checkpoints committed so far,
+    without an error: a poll at a log window must not log an epoch whose checkpoint is still uploading."""
+    import ray.train
+
+    from pipeline.train.loop import _EpochMetrics
+
+    class Logger:
+        def __init__(self):
+            self.logged = []
+
+        def metrics(self, values, step):
+            self.logged.append(step)
+
+        def sent(self, within_s):
+            pass
+
+    class Reported:
+        def __init__(self, epoch):
+            self.metrics = {"epoch": epoch}
+
+    committed = [Reported(1)]
+    monkeypatch.setattr(ray.train, "get_all_reported_checkpoints", lambda **kwargs: list(committed))
+    logger = Logger()
+    held = _EpochMetrics(logger)
+    held.hold({"train/loss": 1.0}, step=1)
+    held.hold({"train/loss": 0.9}, step=2)
+    held.log_committed(wait_s=0.001)  # epoch 2 is not committed yet: nothing is logged
+    assert logger.logged == []
+    committed.append(Reported(2))
+    held.log_committed(wait_s=0.001)
+    assert logger.logged == [1, 2]
+    held.hold({"train/loss": 0.8}, step=3)  # committed but dropped at once (outside checkpoint.keep)
+    held.log_committed(wait_s=0.001)
+    assert logger.logged == [1, 2]
+    held.log_committed(wait_s=None)  # the next report waits without a timeout: logged then
+    assert logger.logged == [1, 2, 3]

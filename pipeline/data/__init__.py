@@ -19,11 +19,11 @@ from .transforms import NormalizeOnDevice, build_transform
 __all__ = [
     "FORMATS",
     "IGNORE_LABEL",
-    "NormalizeOnDevice",
     "CorruptSampleError",
     "DatasetManifest",
     "ManifestError",
     "ManifestMismatchError",
+    "NormalizeOnDevice",
     "ShardError",
     "ShardLoader",
     "SourceError",

@@ -72,12 +72,6 @@ def encode_png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def encode_jpeg(array: np.ndarray, quality: int = 90) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
 class Source:
     """Base of the formats: ``name``/``format`` for the manifest, ``classes``, ``split_sizes``, ``examples``."""
 
@@ -93,7 +87,7 @@ class Source:
 
 
 class ArraySource(Source):
-    """Raw uint8 image arrays (N, H, W) or (N, H, W, 3) per split, stored as PNG (lossless) or JPEG (quality 90)."""
+    """Raw uint8 image arrays (N, H, W) or (N, H, W, 3) per split, stored as PNG."""
 
     def __init__(
         self,
@@ -102,10 +96,7 @@ class ArraySource(Source):
         *,
         name: str,
         format: str = "array",
-        encoding: str = "png",
     ):
-        if encoding not in ("png", "jpeg"):
-            raise SourceError(f"{name}: encoding must be png or jpeg, got {encoding!r}")
         for split, (images, labels) in splits.items():
             if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] != 3):
                 raise SourceError(f"{name} [{split}]: images must be uint8 (N,H,W) or (N,H,W,3), got "
@@ -116,7 +107,6 @@ class ArraySource(Source):
         self.classes = tuple(classes)
         self.name = name
         self.format = format
-        self.encoding = encoding
 
     def split_sizes(self) -> dict[str, int]:
         return {split: len(labels) for split, (_, labels) in self.splits.items()}
@@ -124,9 +114,8 @@ class ArraySource(Source):
     def examples(self, split: str, rng: np.random.Generator) -> Iterator[Example]:
         images, labels = self.splits[split]
         mode, size = ("L" if images.ndim == 3 else "RGB"), (images.shape[2], images.shape[1])
-        encode, ext = (encode_png, "png") if self.encoding == "png" else (encode_jpeg, "jpg")
         for i in rng.permutation(len(labels)):
-            yield Example(int(i), encode(images[i]), ext, int(labels[i]), mode, size)
+            yield Example(int(i), encode_png(images[i]), "png", int(labels[i]), mode, size)
 
 
 class ImageFolderSource(Source):

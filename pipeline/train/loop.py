@@ -393,7 +393,7 @@ def train_one_epoch(
         images = images.to(d.device, non_blocking=True)
         if images.dtype == torch.uint8:  # the train loader's pixels (_loader); a float batch is normalised already
             images = normalize(images)
-        images = images.contiguous(memory_format=memory_format)
+        images = images.to(memory_format=memory_format)
         labels = labels.to(d.device, non_blocking=True)
         # Train batches hold label -1 only for corrupt samples skipped by the reader (skip_corrupt).
         valid = (labels != IGNORE_LABEL) if config.data.skip_corrupt else None
@@ -468,7 +468,7 @@ def train_one_epoch(
                 if logger is not None:
                     logger.metrics({"train/loss_step": mean_loss, "train/lr_step": lr, **timings}, step=state.global_step)
                 if epoch_metrics is not None:
-                    epoch_metrics.log_committed(wait_s=0.05)
+                    epoch_metrics.log_committed(wait_s=0.001)  # a poll: a wait here would stall the step
     seconds = time.perf_counter() - start
     skipped = d.sum(torch.tensor([float(loader.skipped - skipped_before)]))[0].item()
     loss = epoch_loss[0].item() / max(epoch_loss[1].item(), 1)
@@ -921,8 +921,8 @@ class _EpochMetrics:
 
     Checkpoints upload in the background, so an epoch's report returns before its checkpoint counts: a
     failure in between restarts the group from the epoch before, which redoes (and would log again) this
-    one. Held metrics are logged as soon as every report so far is committed: checked at the loop's log
-    windows (a short wait), and waited for before the next report and at the end.
+    one. Held metrics are logged as soon as every report so far is committed: polled at the loop's log
+    windows, and waited for before the next report and at the end.
     """
 
     def __init__(self, logger):
@@ -940,11 +940,16 @@ class _EpochMetrics:
         from ray.train import CheckpointConsistencyMode
 
         try:
-            ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED,
-                                                   timeout_s=wait_s)  # fmt: skip
-        except Exception:  # noqa: BLE001 - not committed within wait_s (Ray raises its timeout as a task error)
+            committed = ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED,
+                                                               timeout_s=wait_s)  # fmt: skip
+        except Exception:  # noqa: BLE001 - not committed within wait_s (older Rays raise their timeout as a task error)
             if wait_s is None:
                 raise
+            return
+        # A wait that times out returns the checkpoints committed so far, without an error: the last held
+        # epoch's must be among them. (One that Ray committed and at once dropped as outside checkpoint.keep
+        # is not: its metrics wait for the next report, where the wait has no timeout.)
+        if wait_s is not None and self.held[-1][1] not in {r.metrics.get("epoch") for r in committed}:
             return
         for metrics, step in self.held:
             self.logger.metrics(metrics, step=step)
