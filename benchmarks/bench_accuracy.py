@@ -11,8 +11,8 @@
 Each model is trained by the pipeline (``configs/tiny_cpu.yaml``: Ray Train, 2 gloo CPU workers, 64 images per
 worker, AdamW + cosine, the same seeded shards, batches and number of steps), with the demo's method terms
 (Castling's mask regularisation), and by default the recipes' augmentation and optimiser (``--settings
-recipe``: those of ``configs/fmnist_*.yaml``, crops of 60-100%, no colour jitter, lr 1.2e-3, weight decay
-0.015, drop path 0.1, label smoothing 0.1, a tenth of the epochs as warm-up); ``--settings tiny_cpu`` keeps
+recipe``: those of ``configs/fmnist_*.yaml``, read from configs/fmnist_vit_lsla_nano.yaml, a tenth of the
+epochs as warm-up); ``--settings tiny_cpu`` keeps
 that config's own (crops of 8-100%, colour jitter 0.4, lr 2e-3, weight decay 0.05, no warm-up). Its best
 checkpoint (by validation top-1) is then
 evaluated on all 10,000 test images by ``pipeline.eval.evaluate`` (Castling in inference form; a DVT

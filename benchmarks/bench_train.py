@@ -333,29 +333,23 @@ def loader_alone(config_dict: dict, world_size: int, rounds: int) -> dict:
     import torch
 
     from benchmarks.bench_data import run_epoch
-    from pipeline.data import build_loader, build_transform
     from pipeline.train.config import TrainConfig
     from pipeline.train.loop import Dist, _loader
 
     config = TrainConfig.from_dict(config_dict)
     cuda = torch.cuda.is_available() and config.scaling.use_gpu
     rank0 = Dist(0, world_size, torch.device("cuda" if cuda else "cpu"))
-    data = config.data
-    classic = build_transform(data.img_size, train=True, in_chans=data.in_chans, auto_augment=data.auto_augment,
-                              scale=tuple(data.crop_scale), hflip=data.hflip, color_jitter=data.color_jitter,
-                              re_prob=data.random_erasing)  # fmt: skip
     forms = {
         "uint8 (the loop's)": lambda epoch: _at_epoch(_loader(config, rank0, "train", train=True), epoch),
-        "float32, normalised in the workers": lambda epoch: build_loader(
-            data.train, batch_size=data.batch_size, rank=0, world_size=world_size, seed=config.optim.seed, epoch=epoch,
-            transform=classic, num_workers=data.loader_workers, shuffle_buffer=data.shuffle_buffer, pin_memory=cuda),
+        "float32, normalised in the workers": lambda epoch: _at_epoch(
+            _loader(config, rank0, "train", train=True, on_device=False), epoch),
     }  # fmt: skip
     epochs: dict[str, list[tuple[float, float, int]]] = {form: [] for form in forms}
     for round_ in range(rounds):
         for form, make in forms.items():
             epochs[form].append(run_epoch(make(round_ + 1)))
     steps = len(forms["uint8 (the loop's)"](0))
-    return {"steps_per_epoch": steps, "loader_workers": data.loader_workers, "pin_memory": cuda, "forms": {
+    return {"steps_per_epoch": steps, "loader_workers": config.data.loader_workers, "pin_memory": cuda, "forms": {
         form: {"images_per_s": max(n / wall for wall, _, n in runs), "cpu_ms_per_image": 1000 * min(c / n for _, c, n in runs)}
         for form, runs in epochs.items()}}  # fmt: skip
 

@@ -369,4 +369,3 @@ def test_bad_sources_give_clear_errors(tmp_path, digits):
         build_shards(src, tmp_path / "o", format="idx", class_names=["a", "b", "c"])
     with pytest.raises(ManifestError):
         read_manifest(tmp_path / "o")
-

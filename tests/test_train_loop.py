@@ -587,4 +587,3 @@ def test_a_run_repeats_exactly_under_the_same_seed(tiny_config):
     first = losses("first", seed=0)
     assert losses("again", seed=0) == first
     assert losses("other", seed=1) != first
-

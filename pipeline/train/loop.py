@@ -200,15 +200,18 @@ def _autocast(config: TrainConfig, device: torch.device):
 # Data.
 
 
-def _loader(config: TrainConfig, d: Dist, split: str, *, train: bool, world: bool = True):
+def _loader(config: TrainConfig, d: Dist, split: str, *, train: bool, world: bool = True, on_device: bool = True):
+    """The split's loader for this rank. Training batches leave it as uint8 pixels (``on_device``): normalisation
+    and random erasing run on the device (train_one_epoch), so the loader's CPUs decode and crop only, and move
+    a quarter of the bytes. ``on_device=False``: normalised and erased in the loader's workers (bench_train's
+    comparison)."""
     from pipeline.data.reader import build_loader
     from pipeline.data.transforms import build_transform
 
     data = config.data
-    # Training batches leave the loader as uint8 pixels: normalisation and random erasing run on the device
-    # (train_one_epoch), so the loader's CPUs decode and crop only, and move a quarter of the bytes.
     augment = dict(auto_augment=data.auto_augment, scale=tuple(data.crop_scale), hflip=data.hflip,
-                   color_jitter=data.color_jitter, normalize=False)  # fmt: skip
+                   color_jitter=data.color_jitter, normalize=not on_device,
+                   re_prob=0.0 if on_device else data.random_erasing)  # fmt: skip
     transform = build_transform(data.img_size, train=train, in_chans=data.in_chans,
                                 **(augment if train else {"crop_pct": eval_crop_pct(config)}))  # fmt: skip
     return build_loader(
