@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -97,6 +98,25 @@ def test_asha_decides_on_the_reported_epoch_and_lets_finishing_trials_finish(tmp
     assert asha.replay() == 0  # a new sweep: nothing saved to replay
     with pytest.raises(SpaceError, match="grace_period \\(4\\) exceeds optim.epochs \\(3\\)"):
         parse_space({"scheduler": {"grace_period": 4}, "parameters": {"optim.lr": {"uniform": [0.1, 0.2]}}}).scheduler.build(3, "x")
+
+
+def test_asha_stops_poor_trials_early_but_never_at_their_last_epoch(tmp_path):
+    # Ray's ASHA has a rung at max_t when max_t = grace_period * reduction_factor**k, and stops trials
+    # below its cutoff there even with stop_last_trials=False: such a trial would lose its run's end.
+    space = parse_space({"metric": "val/top1", "mode": "max", "scheduler": {"grace_period": 1, "reduction_factor": 3},
+                         "parameters": {"optim.lr": {"loguniform": [1.0e-4, 1.0e-2]}}})  # fmt: skip
+    decisions = {}
+    for max_epochs in (1, 3):
+        asha = space.scheduler.build(max_epochs=max_epochs, experiment_path=str(tmp_path / "new"))
+        asha.set_search_properties("val/top1", "max")
+        trials = [SimpleNamespace(trial_id=f"t{i}") for i in range(4)]
+        for trial in trials:
+            asha.on_trial_add(None, trial)
+        decisions[max_epochs] = [asha.on_trial_result(None, trial, {"epoch": 1, "val/top1": 90.0 - 10 * i})
+                                 for i, trial in enumerate(trials)]  # fmt: skip
+        assert asha._num_stopped == decisions[max_epochs].count("STOP")
+    assert decisions[1] == ["CONTINUE"] * 4  # epoch 1 is the last: every trial finishes its run
+    assert decisions[3] == ["CONTINUE", "STOP", "STOP", "STOP"]  # two epochs to go: the poor ones stop
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,11 @@ against and runs to the end. :class:`ResumableASHA` refills its rungs from the r
 experiment directory the first time Tune hands it a trial, which on a restore happens before any trial
 runs again. On a new sweep there is nothing saved yet and nothing to replay.
 
+It also never stops a trial at its last epoch. Ray's ASHA has a rung at ``max_t`` whenever ``max_t`` is
+``grace_period * reduction_factor**k`` (one epoch with a grace period of one, three with a factor of 3),
+and ``stop_last_trials=False`` does not spare a trial that lands on it: stopped there, the trial has
+nothing left to save and loses the end of its run (the test metrics, its final model).
+
 Imported only when a sweep runs (it imports Ray).
 """
 
@@ -14,7 +19,7 @@ from __future__ import annotations
 import math
 
 from ray.tune import ExperimentAnalysis, Tuner
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 __all__ = ["ResumableASHA"]
 
@@ -30,6 +35,13 @@ class ResumableASHA(ASHAScheduler):
             self.replayed = True
             self.replay(tune_controller)
         super().on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)  # records the result in its rung
+        if action == TrialScheduler.STOP and result.get(self._time_attr, 0) >= self._max_t:
+            self._num_stopped -= 1
+            return TrialScheduler.CONTINUE
+        return action
 
     def replay(self, tune_controller=None) -> int:
         """Record the saved results of the experiment in the rungs; returns how many trials were replayed."""
