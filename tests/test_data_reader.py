@@ -231,6 +231,14 @@ def test_train_transform_random_augmentation_shapes(tmp_path):
         build_transform(24, train=True, in_chans=2)
 
 
+def test_no_colour_jitter_means_no_jitter_step():
+    def steps(transform):
+        return [type(t).__name__ for t in transform.transforms[1].transforms]
+
+    assert "ColorJitter" in steps(build_transform(32, train=True, in_chans=1, color_jitter=0.4))
+    assert "ColorJitter" not in steps(build_transform(32, train=True, in_chans=1, color_jitter=0.0))
+
+
 def test_uint8_transform_then_normalize_on_device_equals_the_normalised_transform(tmp_path):
     """The training loader's form (uint8 out of the workers, normalised where the batch is) gives the same
     tensors as timm's normalised transform, train (same random draws) and eval, RGB and greyscale."""

@@ -70,7 +70,7 @@ def build_transform(
         scale=scale,
         ratio=ratio,
         hflip=hflip,
-        color_jitter=color_jitter,
+        color_jitter=color_jitter or None,  # timm adds a ColorJitter for 0.0, which does nothing and costs time
         re_prob=re_prob,
         interpolation=interpolation,
         crop_pct=crop_pct,
