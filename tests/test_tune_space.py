@@ -264,3 +264,38 @@ def test_every_shipped_space_checks_against_its_example_config():
         data = config.to_dict()
         data["data"].update(num_classes=10, in_chans=1)
         check_space(load_space(SPACES / space_file), TrainConfig.from_dict(data), build_models=False)
+
+
+def test_a_baseline_trial_runs_the_configs_own_values_first(tiny_config):
+    config = tiny_config(model__kwargs={"depth": 2})
+    parameters = {"optim.lr": {"loguniform": [1.0e-4, 1.0e-2]}, "model.kwargs.depth": {"choice": [1, 2, 3]},
+                  "optim.label_smoothing": {"quniform": [0.0, 0.2, 0.05]}}  # fmt: skip
+    space = parse_space({"baseline": True, "seed": 1, "parameters": parameters}, source="s.yaml")
+    check_space(space, config)
+    first = space.baseline_values(config)
+    assert first == {"optim.lr": config.optim.lr, "model.kwargs.depth": 2,
+                     "optim.label_smoothing": config.optim.label_smoothing}  # fmt: skip
+    # Optuna and random search both run it before proposing anything
+    assert space.searcher("val/top1", "max", [first])._points_to_evaluate == [first]
+    random = space.with_overrides(search="random").searcher("val/top1", "max", [first])
+    assert type(random).__name__ == "BasicVariantGenerator" and random._points_to_evaluate == [first]
+    assert space.with_overrides(search="random", baseline=False).searcher("val/top1", "max") is None
+    # The trial that gets exactly those values (as Tune hands them back) is the one tagged baseline
+    from pipeline.tune.sweep import _same_values
+
+    assert _same_values({**first, "optim.lr": np.float64(config.optim.lr)}, first)
+    assert not _same_values({**first, "model.kwargs.depth": 3}, first) and not _same_values(first, None)
+
+
+def test_a_baseline_needs_every_searched_value_in_the_config_and_inside_the_space(tiny_config):
+    config = tiny_config(model__name="vit_lsla_nano", model__kwargs={}, data__img_size=32)
+    ds_init = {"model.kwargs.attn_kwargs.ds_init": {"loguniform": [0.5, 2.0]}}
+    message = space_error({"baseline": True, "parameters": ds_init}, config)
+    assert "s.yaml: baseline: model.kwargs.attn_kwargs.ds_init is not set in the training config" in message
+    narrow = {"optim.lr": {"loguniform": [1.0e-2, 1.0e-1]}}
+    message = space_error({"baseline": True, "parameters": narrow}, config)
+    assert f"baseline: optim.lr = {config.optim.lr!r} (the training config's) lies outside loguniform(0.01, 0.1)" in message
+    with pytest.raises(SpaceError, match="baseline: a grid search runs the values it lists"):
+        parse_space({"baseline": True, "search": "grid", "parameters": {"optim.lr": {"grid": [0.1, 0.2]}}})
+    with pytest.raises(SpaceError, match="baseline must be true or false, got 'yes please'"):
+        parse_space({"baseline": "yes please", "parameters": narrow})

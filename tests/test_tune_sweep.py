@@ -175,16 +175,20 @@ def test_a_trial_status_comes_from_its_run_and_from_tune():
 def test_the_table_ranks_trials_by_the_metric_and_the_plot_has_a_panel_per_knob(tmp_path):
     rows = [_row("t0", "completed", 61.5, 1.0e-3, "none"), _row("t1", "stopped early", 20.0, 3.0e-3, "tied", 1),
             _row("t2", "completed", 75.25, 3.0e-4, "heads"), _row("t3", "error", None, 1.0e-4, "none", 0)]  # fmt: skip
+    rows[0].baseline = True
     result = _result(rows)
+    assert result.baseline is rows[0] and _result(rows[1:]).baseline is None
     lines = result.table().splitlines()
     assert lines[0].split() == ["trial", "status", "epochs", "best", "val/top1", "best_epoch", "optim.lr",
                                 "model.kwargs.attn_kwargs.bias_sharing"]  # fmt: skip
     assert [line.split()[0] for line in lines[1:]] == ["t2", "t0", "t1", "t3"]  # best first, unscored last
+    assert lines[2].startswith("t0 (baseline)  completed")
     assert "75.2500" in lines[1] and "0.0003" in lines[1]
     assert [r.trial_id for r in _result(rows, mode="min").sorted_rows()] == ["t1", "t0", "t2", "t3"]
     csv = result.csv().splitlines()
-    assert csv[0] == "trial,status,epochs,best_val/top1,best_epoch,optim.lr,model.kwargs.attn_kwargs.bias_sharing,mlflow_run_id,checkpoint"
-    assert csv[1] == "t2,completed,2,75.25,2,0.0003,heads,run-t2,"
+    assert csv[0] == "trial,status,epochs,best_val/top1,best_epoch,optim.lr,model.kwargs.attn_kwargs.bias_sharing,baseline,mlflow_run_id,checkpoint"
+    assert csv[1] == "t2,completed,2,75.25,2,0.0003,heads,False,run-t2,"
+    assert csv[2] == "t0,completed,2,61.5,2,0.001,none,True,run-t0,"
 
     space = parse_space({"parameters": {"optim.lr": {"loguniform": [1.0e-4, 1.0e-2]},
                                         "model.kwargs.attn_kwargs.bias_sharing": {"choice": ["none", "tied", "heads"]}}})  # fmt: skip

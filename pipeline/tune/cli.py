@@ -16,6 +16,8 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, help="number of trials (default: the space's num_samples)")
     parser.add_argument("--scheduler", choices=["asha", "fifo"], help="early stopping (default: the space's)")
     parser.add_argument("--search", choices=["optuna", "random", "grid"], help="proposals (default: the space's)")
+    parser.add_argument("--baseline", action="store_true", default=None,
+                        help="the first trial runs the training config's own values of the searched keys")
     parser.add_argument("--max-concurrent", type=int,
                         help="trials at once (default: as many as the cluster's resources hold)")
     parser.add_argument("--name", help="sweep name: its folder under storage_path (default: <run_name>-<space>)")
@@ -39,7 +41,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     try:
         space = load_space(args.space).with_overrides(num_samples=args.samples, search=args.search,
-                                                      scheduler=args.scheduler)  # fmt: skip
+                                                      scheduler=args.scheduler, baseline=args.baseline)  # fmt: skip
         config = prepare(args.config, args.overrides)
         if args.dry_run:
             metric, mode = check_space(space, config)

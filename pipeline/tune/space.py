@@ -9,6 +9,7 @@ and how to draw each, plus the sweep's settings::
     search: optuna                # optuna | random | grid
     scheduler: {name: asha, grace_period: 1, reduction_factor: 3}   # or fifo (no early stopping)
     seed: 0                       # seeds the searcher
+    baseline: true                # the first trial runs the training config's own values (default: false)
     parameters:
       optim.lr: {loguniform: [1.0e-4, 3.0e-3]}
       optim.weight_decay: {uniform: [0.0, 0.1]}
@@ -37,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.train.config import ConfigError, TrainConfig, apply_overrides, read_yaml
+from pipeline.train.config import ConfigError, TrainConfig, apply_overrides, flatten, read_yaml
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -50,13 +51,14 @@ __all__ = [
     "check_space",
     "load_space",
     "parse_space",
+    "plain_value",
     "trial_config",
 ]
 
 DISTRIBUTIONS = ("loguniform", "uniform", "quniform", "randint", "choice", "grid")
 SEARCHES = ("optuna", "random", "grid")
 SCHEDULERS = ("asha", "fifo")
-_TOP_KEYS = ("metric", "mode", "num_samples", "search", "scheduler", "seed", "parameters")
+_TOP_KEYS = ("metric", "mode", "num_samples", "search", "scheduler", "seed", "baseline", "parameters")
 _SCHEDULER_KEYS = ("name", "grace_period", "reduction_factor")
 # Fields a sweep sets itself, or that must be the same for every trial (resources, where runs go).
 _NOT_SEARCHABLE = ("run_name", "storage_path", "ray_address", "scaling", "checkpoint", "mlflow", "max_failures",
@@ -93,6 +95,16 @@ class Param:
         if self.kind == "randint":
             return [self.args[0], self.args[1] - 1]
         return [self.args[0], self.args[1]]
+
+    def contains(self, value: Any) -> bool:
+        """Whether a trial could draw ``value``."""
+        if self.categorical:
+            return value in self.args
+        if not _is_number(value):
+            return False
+        if self.kind == "randint":
+            return _is_int(value) and self.args[0] <= value < self.args[1]
+        return self.args[0] <= value <= self.args[1]
 
     def describe(self) -> str:
         """``loguniform(0.0001, 0.003)``: for the parent run's params and the summary."""
@@ -142,6 +154,9 @@ class SearchSpace:
     search: str = "optuna"
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     seed: int | None = None
+    # The first trial runs the training config's own values of the searched keys (one of num_samples): the
+    # sweep then says what the search gained over the config it started from, at the same budget.
+    baseline: bool = False
     source: str = "<space>"  # the file it came from, for messages
     text: str = ""  # the file's text, logged with the sweep
 
@@ -151,9 +166,12 @@ class SearchSpace:
         return 1 if self.search == "grid" else 8
 
     def with_overrides(self, *, num_samples: int | None = None, search: str | None = None,
-                       scheduler: str | None = None) -> SearchSpace:  # fmt: skip
-        """The command line's ``--samples`` / ``--search`` / ``--scheduler`` over the file's values, rechecked."""
+                       scheduler: str | None = None, baseline: bool | None = None) -> SearchSpace:  # fmt: skip
+        """The command line's ``--samples`` / ``--search`` / ``--scheduler`` / ``--baseline`` over the file's
+        values, rechecked."""
         data = dict(self.__dict__)
+        if baseline is not None:
+            data["baseline"] = baseline
         if num_samples is not None:
             data["num_samples"] = num_samples
         if search is not None:
@@ -181,13 +199,34 @@ class SearchSpace:
             space[key] = param.domain()
         return space
 
-    def searcher(self, metric: str, mode: str):
-        """The search algorithm: Optuna's TPE, or Tune's random/grid variant generator (None)."""
-        if self.search != "optuna":
-            return None
-        from ray.tune.search.optuna import OptunaSearch
+    def baseline_values(self, config: TrainConfig) -> dict[str, Any]:
+        """The training config's own value of each searched key: what the baseline trial runs."""
+        flat = flatten(config.to_dict())
+        values = {}
+        for key, param in self.parameters.items():
+            where = f"{self.source}: baseline: {key}"
+            if key in flat:
+                value = flat[key]
+            else:  # a key under a free-form mapping (model.kwargs) that the config does not set
+                raise SpaceError(f"{where} is not set in the training config, so the baseline trial has no value "
+                                 f"for it; set it there (or --set {key}=...)")  # fmt: skip
+            if not param.contains(value):
+                raise SpaceError(f"{where} = {value!r} (the training config's) lies outside {param.describe()}")
+            values[key] = value
+        return values
 
-        return OptunaSearch(metric=metric, mode=mode, seed=self.seed)
+    def searcher(self, metric: str, mode: str, first: list[dict[str, Any]] | None = None):
+        """The search algorithm: Optuna's TPE, or Tune's random/grid variant generator (None); ``first``:
+        trials to run before the search proposes (the baseline)."""
+        if self.search == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+
+            return OptunaSearch(metric=metric, mode=mode, seed=self.seed, points_to_evaluate=first)
+        if first:
+            from ray.tune.search.basic_variant import BasicVariantGenerator
+
+            return BasicVariantGenerator(points_to_evaluate=first, random_state=self.seed)
+        return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,7 +270,8 @@ def parse_space(data: Any, *, source: str = "<space>", text: str = "") -> Search
     )
     space = SearchSpace(
         parameters=params, metric=data.get("metric"), mode=data.get("mode"), num_samples=data.get("num_samples"),
-        search=data.get("search", "optuna"), scheduler=spec, seed=data.get("seed"), source=source, text=text,
+        search=data.get("search", "optuna"), scheduler=spec, seed=data.get("seed"),
+        baseline=data.get("baseline", False), source=source, text=text,
     )  # fmt: skip
     _check_settings(space)
     return space
@@ -348,6 +388,11 @@ def _check_settings(space: SearchSpace) -> None:
         raise SpaceError(f"{where}: num_samples must be an integer >= 1, got {space.num_samples!r}")
     if space.seed is not None and not _is_int(space.seed):
         raise SpaceError(f"{where}: seed must be an integer, got {space.seed!r}")
+    if not isinstance(space.baseline, bool):
+        raise SpaceError(f"{where}: baseline must be true or false, got {space.baseline!r}")
+    if space.baseline and space.search == "grid":
+        raise SpaceError(f"{where}: baseline: a grid search runs the values it lists; use search: optuna or random "
+                         "to add the config's own values as the first trial")  # fmt: skip
     if space.mode is not None and space.mode not in ("max", "min"):
         raise SpaceError(f"{where}: mode must be max or min, got {space.mode!r}")
     if (space.metric is None) != (space.mode is None):
@@ -380,15 +425,15 @@ def _searchable(key: str, source: str) -> None:
 
 def trial_config(base: dict[str, Any], values: dict[str, Any]) -> TrainConfig:
     """The training config of one trial: ``base`` (a ``TrainConfig.to_dict()``) with the drawn values set."""
-    return TrainConfig.from_dict(apply_overrides(base, {k: _plain(v) for k, v in values.items()}))
+    return TrainConfig.from_dict(apply_overrides(base, {k: plain_value(v) for k, v in values.items()}))
 
 
-def _plain(value: Any) -> Any:
+def plain_value(value: Any) -> Any:
     """Tune hands numpy scalars and tuples back; the config wants plain Python values."""
     if hasattr(value, "item") and callable(value.item) and not isinstance(value, (list, dict, str)):
         return value.item()
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain_value(v) for v in value]
     return value
 
 
@@ -419,6 +464,8 @@ def check_space(space: SearchSpace, config: TrainConfig, *, build_models: bool =
                     check_model_and_optimisation(trial)
             except (ValueError, TypeError) as err:  # ConfigError, or a model constructor rejecting the value
                 raise SpaceError(f"{where}: {err}") from None
+    if space.baseline:
+        space.baseline_values(config)
     if space.scheduler.name == "asha" and space.scheduler.grace_period > config.optim.epochs:
         raise SpaceError(f"{space.source}: scheduler.grace_period ({space.scheduler.grace_period}) exceeds the "
                          f"config's optim.epochs ({config.optim.epochs})")  # fmt: skip

@@ -39,7 +39,7 @@ from typing import Any
 import yaml
 
 from pipeline.train.config import ConfigError, TrainConfig, apply_overrides, flatten
-from pipeline.tune.space import SearchSpace, check_space, trial_config
+from pipeline.tune.space import SearchSpace, plain_value, check_space, trial_config
 
 __all__ = [
     "SweepError",
@@ -56,6 +56,7 @@ __all__ = [
 TAG_ROLE = "vitpipe.role"  # "sweep" on the parent run, "trial" on the children
 TAG_SWEEP_DIR = "vitpipe.sweep_dir"
 TAG_TRIAL_ID = "vitpipe.trial_id"
+TAG_BASELINE = "vitpipe.baseline"  # "true" on the trial that runs the training config's own values
 TAG_PARENT = "mlflow.parentRunId"  # MLflow nests a run under the run this tag names
 STOPPED_EARLY = "stopped_early"
 
@@ -105,6 +106,20 @@ class TrialSetup:
     sweep_name: str
     train_storage: str  # the trials' Ray Train runs go to <train_storage>/<trial id>
     facts: dict[str, Any] = field(default_factory=dict)  # the base model's size, for trials that keep the model
+    baseline: dict[str, Any] | None = None  # the baseline trial's values (the space's ``baseline``)
+
+
+def _same_values(values: dict[str, Any], baseline: dict[str, Any] | None) -> bool:
+    if baseline is None or set(values) != set(baseline):
+        return False
+    for key, value in values.items():
+        value, expected = plain_value(value), baseline[key]
+        if isinstance(value, float) and isinstance(expected, float):
+            if not math.isclose(value, expected, rel_tol=1e-9):
+                return False
+        elif value != expected:
+            return False
+    return True
 
 
 def _trial_dirname(trial) -> str:
@@ -163,6 +178,8 @@ def run_trial(values: dict[str, Any], setup: TrialSetup) -> None:
     initial = initial_weights(config)  # model.init_from, fitted to this trial's model (None: from scratch)
     teacher = resolve_teacher(config)  # method.distill's (None: no distillation)
     tags = {**(initial.tags() if initial else {}), **(teacher.tags() if teacher else {})}
+    if _same_values(values, setup.baseline):
+        tags[TAG_BASELINE] = "true"
     run_id = _open_trial_run(config, setup, trial_id, facts, tags)
     trainer = build_trainer(config, mlflow_run_id=run_id, callbacks=[TuneReportCallback()], initial=initial,
                             teacher=teacher)  # fmt: skip
@@ -188,6 +205,7 @@ class TrialRow:
     values: dict[str, Any]  # the searched keys' values
     run_id: str | None  # the MLflow child run
     run_dir: str | None = None
+    baseline: bool = False  # the trial that ran the training config's own values
 
 
 @dataclass
@@ -204,6 +222,11 @@ class SweepResult:
     promotion: Any = None  # pipeline.registry.Promotion when the best checkpoint was registered
     artifacts: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def baseline(self) -> TrialRow | None:
+        """The trial that ran the training config's own values (a space with ``baseline: true``)."""
+        return next((row for row in self.rows if row.baseline), None)
+
     def table(self) -> str:
         """The trials as an aligned text table, best first."""
         header, lines = _table_rows(self)
@@ -215,9 +238,9 @@ class SweepResult:
         header, _ = _table_rows(self, text=False)
         out = io.StringIO()
         writer = csv.writer(out)
-        writer.writerow(header + ["mlflow_run_id", "checkpoint"])
+        writer.writerow(header + ["baseline", "mlflow_run_id", "checkpoint"])
         for row in self.sorted_rows():
-            writer.writerow(_row_cells(row, self.keys, text=False) + [row.run_id or "", row.checkpoint or ""])
+            writer.writerow(_row_cells(row, self.keys, text=False) + [row.baseline, row.run_id or "", row.checkpoint or ""])
         return out.getvalue()
 
     def sorted_rows(self) -> list[TrialRow]:
@@ -234,7 +257,8 @@ def _fmt(value: Any) -> str:
 def _row_cells(row: TrialRow, keys: list[str], text: bool) -> list:
     best = row.best if not text or row.best is None else f"{row.best:.4f}"
     values = [row.values.get(k) for k in keys]
-    return [row.trial_id, row.status, row.epochs, best if best is not None else "", row.best_epoch or ""] + [
+    trial = f"{row.trial_id} (baseline)" if text and row.baseline else row.trial_id
+    return [trial, row.status, row.epochs, best if best is not None else "", row.best_epoch or ""] + [
         _fmt(v) if text else v for v in values
     ]
 
@@ -314,6 +338,7 @@ def _collect(results, statuses: dict[str, str], space: SearchSpace, metric: str,
             values={k: (result.config or {}).get(k) for k in space.parameters},
             run_id=run.info.run_id if run is not None else None,
             run_dir=run.data.tags.get(TAG_RUN_DIR) if run is not None else None,
+            baseline=run is not None and run.data.tags.get(TAG_BASELINE) == "true",
         ))  # fmt: skip
     return rows
 
@@ -416,7 +441,7 @@ def _open_parent(config: TrainConfig, space: SearchSpace, name: str, path: str, 
         "sweep.metric": metric, "sweep.mode": mode, "sweep.search": space.search,
         "sweep.scheduler": space.scheduler.name, "sweep.grace_period": space.scheduler.grace_period,
         "sweep.reduction_factor": space.scheduler.reduction_factor, "sweep.num_samples": samples,
-        "sweep.max_concurrent": concurrency, "sweep.seed": space.seed,
+        "sweep.max_concurrent": concurrency, "sweep.seed": space.seed, "sweep.baseline": space.baseline,
         **flatten(config.to_dict()),
     }  # fmt: skip
     run_id, resumed = tracking.open_run(
@@ -511,8 +536,9 @@ def run_sweep(
           f"{space.search} search, {space.scheduler.name} scheduler, up to {concurrency} trial(s) at once "
           f"(each holds {need}); MLflow parent run {parent_run_id} in {uri}")  # fmt: skip
 
+    baseline = space.baseline_values(base) if space.baseline else None
     setup = TrialSetup(base=base.to_dict(), parent_run_id=parent_run_id, sweep_name=name, train_storage=f"{path}/trials",
-                       facts=facts)  # fmt: skip
+                       facts=facts, baseline=baseline)  # fmt: skip
     if quiet and space.search == "optuna":
         import optuna
 
@@ -525,7 +551,7 @@ def run_sweep(
             trainable,
             param_space=space.param_space(),
             tune_config=tune.TuneConfig(
-                metric=metric, mode=mode, search_alg=space.searcher(metric, mode),
+                metric=metric, mode=mode, search_alg=space.searcher(metric, mode, [baseline] if baseline else None),
                 scheduler=space.scheduler.build(base.optim.epochs, path), num_samples=samples,
                 max_concurrent_trials=concurrency, trial_name_creator=_trial_dirname,
                 trial_dirname_creator=_trial_dirname,
